@@ -1,0 +1,178 @@
+"""Self-describing checkpoints: one ``.safetensors`` file per model.
+
+The header's metadata holds, as JSON under the key ``kd_core``, everything needed to rebuild and
+judge the model: architecture and arguments, data set (source, classes, input size,
+normalization), method and training config, teacher, metrics and training time. Loading reads
+tensors only; nothing is ever unpickled. Writes are atomic (temporary file, fsync, rename).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
+
+from . import models
+
+FORMAT = "kd_core/1"
+SUFFIX = ".safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: models.Classifier
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.stem
+
+    @property
+    def mean(self) -> list[float]:
+        return self.meta["data"]["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.meta["data"]["std"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["data"]["classes"]
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dict[str, Any]) -> Path:
+    """Write ``model`` with ``meta`` (must include ``arch``, ``arch_args`` and ``data``).
+
+    ``meta["metrics"]["file_size"]`` is filled in with the exact size of the file written.
+    """
+    path = Path(path)
+    for key in ("arch", "arch_args", "data"):
+        if key not in meta:
+            raise ValueError(f"checkpoint metadata needs {key!r}")
+    meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
+    meta.setdefault("format", FORMAT)
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("metrics", {})
+    tensors = _state_tensors(model)
+    size = 0
+    for _ in range(5):  # the size is part of the header, so iterate until it is a fixed point
+        meta["metrics"]["file_size"] = size
+        payload = serialize(tensors, metadata={"format": FORMAT, "kd_core": json.dumps(meta, sort_keys=True)})
+        if len(payload) == size:
+            break
+        size = len(payload)
+    _write_atomically(path, payload)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a checkpoint, from its header only (cheap)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated or another "
+                              f"format): {error}") from None
+    if header.get("format") != FORMAT or "kd_core" not in header:
+        raise CheckpointError(f"{path.name} is a safetensors file without kd_core metadata "
+                              f"(expected format {FORMAT})")
+    try:
+        meta = json.loads(header["kd_core"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path.name} has corrupt metadata: {error}") from None
+    for key in ("arch", "arch_args", "data"):
+        if key not in meta:
+            raise CheckpointError(f"{path.name} metadata lacks {key!r}")
+    return meta
+
+
+def build_model(meta: dict[str, Any], where: str = "checkpoint") -> models.Classifier:
+    if meta["arch"] not in models.list_models():
+        raise CheckpointError(f"{where} has unknown architecture {meta['arch']!r}; "
+                              f"this kd_core knows: {', '.join(models.list_models())}")
+    return models.create(meta["arch"], **meta["arch_args"])
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model from the metadata and load its tensors; eval mode.
+
+    Every way a file can be unusable raises :class:`CheckpointError` naming the problem.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    model = build_model(meta, path.name)
+    expected = model.state_dict()
+    try:
+        with safe_open(str(path), "pt", device="cpu") as handle:
+            stored_names = set(handle.keys())
+            missing = sorted(set(expected) - stored_names)
+            unexpected = sorted(stored_names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path.name} does not fit {meta['arch']}: "
+                    + (f"missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "")
+                    + ("; " if missing and unexpected else "")
+                    + (f"unexpected tensors {', '.join(unexpected[:5])}" if unexpected else ""))
+            tensors = {name: handle.get_tensor(name) for name in stored_names}
+    except SafetensorError as error:
+        raise CheckpointError(f"{path.name} is damaged: {error}") from None
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"{meta['arch']} needs {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors)
+    return LoadedCheckpoint(model.to(device).eval(), meta, path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per ``.safetensors`` file: its name, path, size and metadata, or the error that
+    makes it unusable (a broken file is listed, not fatal)."""
+    rows = []
+    for path in sorted(Path(directory).glob(f"*{SUFFIX}")):
+        row: dict[str, Any] = {"name": path.stem, "path": str(path), "file_size": path.stat().st_size}
+        try:
+            row["meta"] = read_metadata(path)
+        except CheckpointError as error:
+            row["error"] = str(error)
+        rows.append(row)
+    return rows

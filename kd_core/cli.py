@@ -1,0 +1,301 @@
+"""``python -m kd_core``: train, distill, evaluate, list, recipes.
+
+Every failure the user can cause (an unknown model, a missing data set, an impossible value, a
+broken checkpoint) ends in one line ``error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import models, recipes
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from .data import AugmentConfig, DataError, load_data
+from .training import TqdmProgress, TrainConfig
+
+LOSS_TERMS = ("ce", "kd", "feature", "cam", "cosine", "at")
+CHECKPOINT_DIR = Path("checkpoints")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> None:
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--recipe", help="a named recipe (see `python -m kd_core recipes`); other options override its fields")
+    what.add_argument("--student" if distill else "--model", dest="arch", metavar="ARCH",
+                      help=f"architecture from the model zoo: {', '.join(models.list_models())}")
+    if distill:
+        what.add_argument("--teacher", type=Path, help="teacher checkpoint (.safetensors); with --recipe, "
+                          "defaults to checkpoints/<teacher recipe>.safetensors")
+    what.add_argument("--data", help="cifar10 | mnist | folder:PATH (a train/ + test/ image-folder tree or a "
+                      ".tar.gz of one); default: the recipe's, else cifar10")
+    what.add_argument("--output", "-o", type=Path, help="checkpoint to write (default checkpoints/<name>.safetensors)")
+    what.add_argument("--name", help="model name recorded in the checkpoint (default: recipe or arch)")
+    what.add_argument("--run-dir", type=Path, help="folder for the resumable state (default runs/<name>); "
+                      "an interrupted run resumes from its last finished epoch")
+    what.add_argument("--fresh", action="store_true", help="ignore and replace any resumable state in --run-dir")
+    what.add_argument("--cache-dir", type=Path, help="where decoded data sets are cached (default ~/.cache/kd_core "
+                      "or $KD_CACHE_DIR)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, help="passes over the training set (>= 1)")
+    opt.add_argument("--batch-size", type=int, help="images per step")
+    opt.add_argument("--lr", type=float, help="peak learning rate")
+    opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    opt.add_argument("--momentum", type=float, help="SGD momentum (Nesterov)")
+    opt.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    opt.add_argument("--schedule", choices=("cosine", "onecycle", "constant"),
+                     help="learning-rate schedule after the linear warm-up")
+    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    opt.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1)")
+    opt.add_argument("--ema-decay", type=float, help="keep and save an exponential moving average of the weights (0: off)")
+    opt.add_argument("--seed", type=int, help="random seed (model init, data order, augmentation)")
+    opt.add_argument("--limit", type=int, help="train on a random subset of N training images")
+    opt.add_argument("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    opt.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 on capable CPUs, fp16 on CUDA)")
+    opt.add_argument("--eval-every", type=int, help="test-set evaluation every N epochs (0: only at the end)")
+
+    aug = parser.add_argument_group("augmentation (on whole batches)")
+    aug.add_argument("--crop-padding", type=int, help="random crop after reflect padding by N pixels (0: off)")
+    aug.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    aug.add_argument("--rotation", type=float, help="random rotation up to N degrees")
+    aug.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter strength")
+    aug.add_argument("--cutout", type=int, help="zero a random N x N square")
+
+    if distill:
+        loss = parser.add_argument_group(
+            "distillation objective: loss = sum of weight x term (Hinton's alpha mix is --ce 1-a --kd a)")
+        loss.add_argument("--ce", type=float, help="weight of cross-entropy with the labels (default 1 without a recipe)")
+        loss.add_argument("--kd", type=float, help="weight of Hinton KD, KL(softmax(t/T) || softmax(s/T)) * T^2")
+        loss.add_argument("--feature", type=float, help="weight of the FitNets hint (MSE through a 1x1 adapter)")
+        loss.add_argument("--cam", type=float, help="weight of CAM alignment (CAM-KD)")
+        loss.add_argument("--cosine", type=float, help="weight of the tutorial's cosine hidden-representation loss")
+        loss.add_argument("--at", type=float, help="weight of attention transfer")
+        loss.add_argument("--temperature", "-T", type=float, help="KD temperature T > 0")
+        loss.add_argument("--cam-target", choices=("teacher", "label"), help="CAM class: teacher's prediction or label")
+        loss.add_argument("--cam-distance", choices=("l1", "mse"), help="distance between normalized CAMs")
+        loss.add_argument("--feature-spatial", choices=("pool", "resize"),
+                          help="how feature maps of different sizes are matched")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kd_core", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a teacher or a baseline student (cross-entropy)",
+                                description="Train a model on labels alone (a teacher, or a student baseline).")
+    _add_training_options(train, distill=False)
+    distill = commands.add_parser("distill", help="distil a teacher checkpoint into a student",
+                                  description="Distil a teacher into a student with any weighted mix of losses.")
+    _add_training_options(distill, distill=True)
+
+    evaluate = commands.add_parser("evaluate", help="measure checkpoints on a data set's test split",
+                                   description="Top-1/top-5, per-class accuracy, confusion matrix, cost, and "
+                                               "agreement with a teacher.")
+    evaluate.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files")
+    evaluate.add_argument("--data", help="data source (default: the one recorded in each checkpoint)")
+    evaluate.add_argument("--teacher", type=Path, help="teacher checkpoint for agreement (default: the recorded one, "
+                          "when it lies beside the student)")
+    evaluate.add_argument("--speed", action="store_true", help="also measure CPU latency (batch 1 and 256) and peak memory")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    evaluate.add_argument("--cache-dir", type=Path)
+
+    listing = commands.add_parser("list", help="describe the checkpoints in a folder")
+    listing.add_argument("directory", nargs="?", type=Path, default=CHECKPOINT_DIR)
+    listing.add_argument("--json", action="store_true")
+
+    commands.add_parser("recipes", help="list the named recipes and the command that runs each")
+    commands.add_parser("models", help="list the model zoo with parameter counts for 3x32x32 input")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# train / distill
+
+
+def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) -> TrainConfig:
+    overrides = {key: getattr(args, key) for key in (
+        "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
+        "label_smoothing", "ema_decay", "seed", "limit", "device", "eval_every")
+        if getattr(args, key, None) is not None}
+    if args.no_amp:
+        overrides["amp"] = False
+    augment = base.augment
+    for key in ("crop_padding", "rotation", "color_jitter", "cutout"):
+        if getattr(args, key) is not None:
+            augment = replace(augment, **{key: getattr(args, key)})
+    if args.no_flip:
+        augment = replace(augment, flip=False)
+    overrides["augment"] = augment
+    if distill:
+        given = {term: getattr(args, term) for term in LOSS_TERMS if getattr(args, term) is not None}
+        if given:
+            weights = dict(base.loss_weights) if args.recipe else {}
+            weights.update(given)
+            overrides["loss_weights"] = weights
+        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+    return replace(base, **overrides).validate()
+
+
+def _train(args: argparse.Namespace, distill: bool) -> int:
+    from .run import RunSpec, run
+
+    recipe = recipes.get(args.recipe) if args.recipe else None
+    arch = args.arch or (recipe.arch if recipe else None)
+    if arch is None:
+        raise UsageError(f"say which model to train: --{'student' if distill else 'model'} ARCH or --recipe NAME")
+    models.MODELS.get(arch)  # unknown names fail here, before any data is loaded
+    config = _resolve_config(args, recipe.config if recipe else TrainConfig(), distill)
+    teacher = getattr(args, "teacher", None)
+    if distill and teacher is None and recipe and recipe.teacher:
+        teacher = CHECKPOINT_DIR / f"{recipe.teacher}.safetensors"
+    if distill and teacher is None:
+        raise UsageError("distill needs --teacher CHECKPOINT")
+    if not distill and recipe and recipe.teacher:
+        raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}: use `distill --recipe {recipe.name}`")
+    name = args.name or (recipe.name if recipe and args.arch in (None, recipe.arch) else arch)
+    output = args.output or CHECKPOINT_DIR / f"{name}.safetensors"
+    run_dir = args.run_dir or Path("runs") / name
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    spec = RunSpec(arch=arch, data=args.data or (recipe.data if recipe else "cifar10"), config=config,
+                   output=output, teacher=teacher, name=name,
+                   role=recipe.role if recipe and arch == recipe.arch else ("student" if distill else "teacher"),
+                   recipe=recipe.name if recipe else None, arch_args=dict(recipe.arch_args) if recipe else {},
+                   state_path=run_dir / "resume.safetensors", cache_dir=args.cache_dir)
+
+    def install_stop(trainer) -> None:
+        def stop(signum, frame):
+            print(f"\nstopping after this step (signal {signum}); rerun the same command to resume", file=sys.stderr)
+            trainer.request_stop()
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    result, path = run(spec, callbacks=[TqdmProgress()], stop_hook=install_stop)
+    if path is None:
+        print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
+        return 130
+    print(f"wrote {path}: test top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min of training")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate / list
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import agreement, classification_report, predict
+    from .profile import count_macs, count_parameters, measure_latency, measure_peak_memory
+
+    reports = []
+    for path in args.checkpoints:
+        checkpoint = load_checkpoint(path)
+        source = args.data or checkpoint.meta["data"]["source"]
+        data = load_data(source, cache_dir=args.cache_dir)
+        if data.classes != checkpoint.classes:
+            raise UsageError(f"{path.name} was trained on other classes than {source} has")
+        logits = predict(checkpoint.model, data.test.images, checkpoint.mean, checkpoint.std)
+        report = {"checkpoint": str(path), "data": source, **classification_report(logits, data.test.labels),
+                  "recorded_top1": checkpoint.meta.get("metrics", {}).get("test_top1"),
+                  "params": count_parameters(checkpoint.model),
+                  "macs": count_macs(checkpoint.model, tuple(checkpoint.meta["data"]["input_size"])),
+                  "file_size": path.stat().st_size, "classes": checkpoint.classes}
+        teacher_path = args.teacher
+        recorded = checkpoint.meta.get("teacher")
+        if teacher_path is None and recorded and (path.parent / recorded["file"]).exists():
+            teacher_path = path.parent / recorded["file"]
+        if teacher_path is not None:
+            teacher = load_checkpoint(teacher_path)
+            teacher_logits = predict(teacher.model, data.test.images, teacher.mean, teacher.std)
+            report["teacher"] = str(teacher_path)
+            report.update(agreement(logits, teacher_logits))
+        if args.speed:
+            shape = tuple(checkpoint.meta["data"]["input_size"])
+            report["latency_ms_batch1"] = measure_latency(checkpoint.model, shape, 1)
+            report["latency_ms_batch256"] = measure_latency(checkpoint.model, shape, 256, repeats=5, warmup=1)
+            report["peak_memory_bytes_batch256"] = measure_peak_memory(checkpoint.model, shape, 256)
+        reports.append(report)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    for report in reports:
+        print(f"{report['checkpoint']} on {report['data']} (test split)")
+        print(f"  top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  (recorded: {report['recorded_top1']})")
+        print(f"  params {report['params']:,}  MACs {report['macs']:,}  file {report['file_size'] / 1e6:.2f} MB")
+        if "top1_agreement" in report:
+            print(f"  vs teacher {report['teacher']}: top-1 agreement {report['top1_agreement']:.2f}%, "
+                  f"KL(teacher||student) {report['kl_teacher_student']:.4f}")
+        if "latency_ms_batch1" in report:
+            memory = report["peak_memory_bytes_batch256"]
+            print(f"  CPU latency: batch 1 {report['latency_ms_batch1']:.2f} ms, batch 256 "
+                  f"{report['latency_ms_batch256']:.1f} ms; peak memory (batch 256) "
+                  f"{'n/a' if memory is None else f'{memory / 1e6:.1f} MB'}")
+        width = max(len(name) for name in report["classes"])
+        print("  per class: " + ", ".join(f"{name} {accuracy:.1f}%" for name, accuracy in
+                                          zip(report["classes"], report["per_class"])))
+        print("  confusion (rows: true, columns: predicted):")
+        for name, row in zip(report["classes"], report["confusion"]):
+            print(f"    {name:>{width}} " + " ".join(f"{count:5d}" for count in row))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if not args.directory.is_dir():
+        raise UsageError(f"no folder {args.directory}")
+    rows = list_checkpoints(args.directory)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no checkpoints in {args.directory}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']:<20} UNUSABLE: {row['error']}")
+            continue
+        meta = row["meta"]
+        metrics = meta.get("metrics", {})
+        teacher = (meta.get("teacher") or {}).get("name", "-")
+        minutes = meta.get("train_seconds", 0) / 60
+        print(f"{row['name']:<20} {meta['arch']:<16} {meta.get('role', '?'):<8} {metrics.get('params', 0):>10,} params "
+              f"{metrics.get('test_top1', float('nan')):6.2f}%  {meta.get('method', '?'):<14} teacher {teacher:<12} "
+              f"{minutes:5.1f} min  {row['file_size'] / 1e6:6.2f} MB")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    for name in recipes.names():
+        recipe = recipes.get(name)
+        print(f"{name:<16} {recipe.arch:<14} {recipe.config.epochs:>3} epochs  {recipe.description}\n"
+              f"{'':<16} {recipe.command}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .profile import count_parameters
+
+    for name in models.list_models():
+        print(f"{name:<16} {count_parameters(models.create(name)):>12,} parameters")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": lambda: _train(args, False), "distill": lambda: _train(args, True),
+                "evaluate": lambda: _evaluate(args), "list": lambda: _list(args),
+                "recipes": lambda: _recipes(args), "models": lambda: _models(args)}
+    try:
+        return handlers[args.command]()
+    except KeyError as error:  # registry lookups: unknown model, loss or recipe
+        print(f"error: {error.args[0]}", file=sys.stderr)
+    except (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+    return 2

@@ -1,0 +1,90 @@
+"""Training augmentation on whole batches of float tensors ``(B, C, H, W)`` in [0, 1], on any
+device. Every transform draws one random parameter per sample, so a batch of 512 costs a few
+tensor ops rather than 512 PIL calls."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4         # random crop after reflect-padding by this many pixels (0: off)
+    flip: bool = True             # random horizontal flip
+    rotation: float = 0.0         # max rotation in degrees (0: off)
+    color_jitter: float = 0.0     # brightness/contrast/saturation strength (0: off)
+    cutout: int = 0               # side of a zeroed square (0: off)
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(crop_padding=0, flip=False)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reflect-pad by ``padding`` and take a random H x W window per sample."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device="cpu").to(images.device)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)   # (B, W)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return cropped.permute(0, 3, 1, 2)
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_rotation(images: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    angles = (torch.rand(len(images), generator=generator) * 2 - 1) * math.radians(degrees)
+    cos, sin = angles.cos(), angles.sin()
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Brightness, contrast and (for RGB) saturation, each scaled by a factor in [1-s, 1+s]."""
+    factors = (1 + (torch.rand(3, len(images), generator=generator) * 2 - 1) * strength).to(images)
+    images = images * factors[0, :, None, None, None]
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = (images - mean) * factors[1, :, None, None, None] + mean
+    if images.shape[1] == 3:
+        gray = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[:, None, None]).sum(1, keepdim=True)
+        images = (images - gray) * factors[2, :, None, None, None] + gray
+    return images.clamp(0, 1)
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    batch, _, height, width = images.shape
+    centers = torch.rand(2, batch, generator=generator)
+    top = (centers[0] * height).long().to(images.device)[:, None] - size // 2
+    left = (centers[1] * width).long().to(images.device)[:, None] - size // 2
+    rows = torch.arange(height, device=images.device)[None]
+    cols = torch.arange(width, device=images.device)[None]
+    inside_rows = (rows >= top) & (rows < top + size)     # (B, H)
+    inside_cols = (cols >= left) & (cols < left + size)   # (B, W)
+    mask = inside_rows[:, :, None] & inside_cols[:, None, :]
+    return images.masked_fill(mask[:, None], 0.0)
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the configured transforms to float images in [0, 1], shape ``(B, C, H, W)``."""
+    if config.rotation > 0:
+        images = random_rotation(images, config.rotation, generator)
+    if config.crop_padding > 0:
+        images = random_crop(images, config.crop_padding, generator)
+    if config.flip:
+        images = random_flip(images, generator)
+    if config.color_jitter > 0:
+        images = color_jitter(images, config.color_jitter, generator)
+    if config.cutout > 0:
+        images = cutout(images, config.cutout, generator)
+    return images

@@ -1,0 +1,25 @@
+"""The model zoo: ``create(name, num_classes=10, in_channels=3, **kw)`` and ``list_models()``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import airnet, resnet_cifar, small, torchvision_models  # noqa: F401  (fill the registry)
+from .base import Classifier
+from .registry import MODELS
+
+
+def create(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> Classifier:
+    """Build a model by registry name. Unknown names raise ``KeyError`` listing the choices."""
+    return MODELS.create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+__all__ = ["Classifier", "create", "list_models", "count_parameters"]

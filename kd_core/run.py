@@ -1,0 +1,119 @@
+"""Train or distil one model end to end: load data and teacher, run the engine, evaluate in
+float32, write a self-describing checkpoint. The CLI and the dashboard's job runner call this."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from . import __version__, models
+from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint
+from .data import DataBundle, load_data
+from .evaluation import predict
+from .profile import count_macs, count_parameters
+from .training import Callback, TrainConfig, Trainer, TrainResult
+
+
+@dataclass
+class RunSpec:
+    arch: str                              # registry name of the model to train
+    data: str                              # data source (see kd_core.data.load_data)
+    config: TrainConfig
+    output: Path                           # checkpoint to write
+    teacher: Path | None = None            # teacher checkpoint, for distillation
+    name: str | None = None
+    role: str = "student"                  # teacher | student
+    recipe: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    state_path: Path | None = None         # resumable state; None: not resumable
+    cache_dir: Path | None = None
+
+
+def method_name(weights: dict[str, float]) -> str:
+    """``{'ce': 1, 'kd': 1, 'cam': 0.5}`` -> ``'ce+kd+cam'`` (terms with weight 0 left out)."""
+    order = ["ce", "kd", "feature", "cam", "cosine", "at"]
+    active = [name for name in order if weights.get(name, 0) > 0]
+    active += sorted(name for name, weight in weights.items() if weight > 0 and name not in order)
+    return "+".join(active)
+
+
+def teacher_summary(teacher: LoadedCheckpoint) -> dict[str, Any]:
+    return {"name": teacher.name, "arch": teacher.meta["arch"], "file": teacher.path.name,
+            "sha256": file_sha256(teacher.path), "test_top1": teacher.meta.get("metrics", {}).get("test_top1")}
+
+
+def check_compatible(teacher: LoadedCheckpoint, data: DataBundle) -> None:
+    if teacher.classes != data.classes:
+        raise ValueError(f"teacher {teacher.name} was trained on classes {teacher.classes[:4]}..., "
+                         f"the data set has {data.classes[:4]}...")
+    if list(teacher.meta["data"]["input_size"]) != list(data.input_shape):
+        raise ValueError(f"teacher {teacher.name} takes inputs {teacher.meta['data']['input_size']}, "
+                         f"the data set has {list(data.input_shape)}")
+
+
+def evaluate_top1(model: models.Classifier, data: DataBundle, device: torch.device) -> tuple[float, float]:
+    """Test top-1 and top-5 in float32: the numbers a checkpoint records and CI re-checks."""
+    logits = predict(model, data.test.images, data.mean, data.std, device=device)
+    labels = data.test.labels
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None]).any(1)
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item(), 100.0 * top5.float().mean().item()
+
+
+def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tuple[TrainResult, Path | None]:
+    """Train per ``spec``; write the checkpoint unless the run was stopped early.
+
+    ``stop_hook(trainer)`` is called once the trainer exists (signal handlers use it).
+    """
+    spec.config.validate()
+    data = load_data(spec.data, cache_dir=spec.cache_dir)
+    teacher = None
+    if spec.teacher is not None:
+        teacher = load_checkpoint(spec.teacher)
+        check_compatible(teacher, data)
+    channels = data.input_shape[0]
+    arch_args = {"num_classes": len(data.classes), "in_channels": channels, **spec.arch_args}
+    if spec.arch in ("deepnn", "lightnn", "mlp", "tiny_titans_cnn"):
+        arch_args.setdefault("input_size", data.input_shape[-1])
+    model = models.create(spec.arch, **arch_args)
+    trainer = Trainer(model, data, spec.config, teacher=teacher.model if teacher else None,
+                      callbacks=callbacks, state_path=spec.state_path)
+    if stop_hook is not None:
+        stop_hook(trainer)
+    started = time.time()
+    result = trainer.fit()
+    if result.stopped:
+        return result, None
+    final = result.model.float().eval()
+    test_top1, test_top5 = evaluate_top1(final, data, trainer.device)
+    final = final.cpu().to(memory_format=torch.contiguous_format)
+    meta = {
+        "name": spec.name or spec.output.stem,
+        "role": spec.role,
+        "arch": spec.arch,
+        "arch_args": arch_args,
+        "data": {"source": spec.data, "classes": data.classes, "input_size": list(data.input_shape),
+                 "mean": list(data.mean), "std": list(data.std), "train_size": len(trainer.train_split),
+                 "test_size": len(data.test)},
+        "method": method_name(spec.config.loss_weights),
+        "recipe": spec.recipe,
+        "config": spec.config.to_dict(),
+        "teacher": teacher_summary(teacher) if teacher else None,
+        "metrics": {"test_top1": round(test_top1, 2), "test_top5": round(test_top5, 2),
+                    "params": count_parameters(final), "macs": count_macs(final, data.input_shape)},
+        "history": [{"epoch": info.epoch + 1, "loss": round(info.train["loss"], 4),
+                     "train_top1": round(info.train["train_top1"], 2),
+                     **({"test_top1": round(info.test["test_top1"], 2)} if "test_top1" in info.test else {})}
+                    for info in result.history],
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.time() - started, 1),
+        "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else
+                                         f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "versions": {"kd_core": __version__, "torch": torch.__version__},
+    }
+    path = save_checkpoint(spec.output, final, meta)
+    result.test_top1 = test_top1
+    return result, path

@@ -1,0 +1,7 @@
+"""The training engine, its configuration, schedules, callbacks and resumable state."""
+from .callbacks import Callback, EpochInfo, History, StepInfo, TqdmProgress
+from .config import TrainConfig
+from .engine import NonFiniteLoss, Trainer, TrainResult, autocast_dtype, freeze, resolve_device
+
+__all__ = ["Callback", "EpochInfo", "History", "StepInfo", "TqdmProgress", "TrainConfig", "NonFiniteLoss",
+           "Trainer", "TrainResult", "autocast_dtype", "freeze", "resolve_device"]

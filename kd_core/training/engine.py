@@ -1,0 +1,267 @@
+"""The one training loop: teachers, baseline students and distillation differ only in the
+objective (see :mod:`kd_core.losses`) and in whether a frozen teacher runs beside the student."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..data import BatchLoader, DataBundle
+from ..evaluation import predict
+from ..losses import ModelOutput, StepOutputs, build_objective
+from ..models import Classifier
+from .callbacks import Callback, EpochInfo, StepInfo
+from .config import TrainConfig
+from .schedule import lr_factor
+from .state import load_state, read_state_info, save_state
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """fp16 on CUDA; bf16 on CPUs with native bf16 (AVX-512 BF16 / AMX), where it is ~2x faster."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def freeze(teacher: Classifier) -> Classifier:
+    """A teacher is frozen: eval mode (BN statistics fixed, no dropout) and no gradients."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@dataclass
+class TrainResult:
+    model: Classifier                     # the EMA weights when EMA is on
+    history: list[EpochInfo]
+    test_top1: float | None
+    train_seconds: float
+    stopped: bool = False
+    epochs_done: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, model: Classifier, data: DataBundle, config: TrainConfig,
+                 teacher: Classifier | None = None, callbacks: Iterable[Callback] = (),
+                 state_path: str | Path | None = None):
+        self.config = config.validate()
+        self.device = resolve_device(config.device)
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        seed_everything(config.seed)
+        self.data = data
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.teacher = freeze(teacher.to(self.device, memory_format=self.memory_format)) if teacher else None
+        self.objective = build_objective(config.loss_weights, self.model, self.teacher, data.input_shape,
+                                         config.loss_options()).to(self.device)
+        self.train_split = data.train.subset(config.limit, seed=config.seed)
+        drop_last = len(self.train_split) >= 2 * config.batch_size
+        self.train_loader = BatchLoader(self.train_split, config.batch_size, data.mean, data.std, shuffle=True,
+                                        augment=config.augment, drop_last=drop_last, device=self.device,
+                                        seed=config.seed, channels_last=config.channels_last)
+        self.optimizer = self._build_optimizer()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.callbacks = list(callbacks)
+        self.state_path = Path(state_path) if state_path else None
+        self.start_epoch, self.train_seconds, self.history = 0, 0.0, []
+        self.global_step = 0
+        self.stop_requested = False
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Weights decay; biases and norm parameters get ``lr * bias_lr_scale`` and a weight decay
+        divided by the same scale, so their per-step decay matches the weights'."""
+        config = self.config
+        parameters = [p for p in list(self.model.parameters()) + list(self.objective.parameters()) if p.requires_grad]
+        weights = [p for p in parameters if p.ndim > 1]
+        biases = [p for p in parameters if p.ndim <= 1]
+        groups = [{"params": weights, "lr_scale": 1.0, "weight_decay": config.weight_decay},
+                  {"params": biases, "lr_scale": config.bias_lr_scale,
+                   "weight_decay": config.weight_decay / config.bias_lr_scale}]
+        groups = [group for group in groups if group["params"]]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                   nesterov=config.nesterov and config.momentum > 0)
+        optimizer_class = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        return optimizer_class(groups, lr=config.lr)
+
+    def _maybe_init_from_data(self) -> None:
+        init = getattr(self.model, "init_from_data", None)
+        if init is not None:
+            sample = self.train_split.images[:5000]
+            from ..data import normalize
+            init(normalize(sample, self.data.mean, self.data.std).to(self.device))
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"model": self.model, "objective": self.objective}
+        if self.ema is not None:
+            modules["ema"] = self.ema
+        return modules
+
+    def _save_state(self, epoch: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
+        info = {"epoch": epoch, "train_seconds": self.train_seconds, "global_step": self.global_step,
+                "history": [vars(item) for item in self.history], "config": self.config.to_dict()}
+        save_state(self.state_path, self._modules(), self.optimizer, rng, info)
+
+    def resume(self) -> bool:
+        """Continue from the state file when there is one; returns whether it did."""
+        if self.state_path is None or not self.state_path.exists():
+            return False
+        saved_config = read_state_info(self.state_path)["config"]
+        current = json.loads(json.dumps(self.config.to_dict()))
+        changed = sorted(key for key in current if key != "device" and saved_config.get(key) != current[key])
+        if changed:
+            raise ValueError(f"the saved run in {self.state_path.parent} used other settings ({', '.join(changed)}); "
+                             "start fresh (--fresh) or use another run folder")
+        rng, info = load_state(self.state_path, self._modules(), self.optimizer, self.device)
+        torch.set_rng_state(rng["torch"])
+        self.train_loader.generator.set_state(rng["loader"])
+        self.start_epoch = info["epoch"] + 1
+        self.train_seconds = info["train_seconds"]
+        self.global_step = info["global_step"]
+        self.history = [EpochInfo(**item) for item in info["history"]]
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish the current step, then return; the last finished epoch stays resumable."""
+        self.stop_requested = True
+
+    def _emit(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    def _set_lr(self) -> float:
+        steps_per_epoch = len(self.train_loader)
+        factor = lr_factor(self.config.schedule, self.global_step, self.config.epochs * steps_per_epoch,
+                           round(self.config.warmup_epochs * steps_per_epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor * group["lr_scale"]
+        return self.config.lr * factor
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        with self._autocast():
+            features = self.model.forward_features(images)         # (B, C, H, W)
+            logits = self.model.forward_head(features)             # (B, K)
+            teacher_output = None
+            if self.teacher is not None and self.objective.needs_teacher:
+                with torch.no_grad():
+                    teacher_features = self.teacher.forward_features(images)
+                    teacher_output = ModelOutput(teacher_features, self.teacher.forward_head(teacher_features),
+                                                 self.teacher)
+            losses = self.objective(StepOutputs(ModelOutput(features, logits, self.model), teacher_output, labels))
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLoss(f"the loss became {losses['loss'].item()} at step {self.global_step}; "
+                                "lower the learning rate or the loss weights")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses, logits
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        for ema_parameter, parameter in zip(self.ema.parameters(), self.model.parameters()):
+            ema_parameter.lerp_(parameter, 1 - decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def evaluation_model(self) -> Classifier:
+        return self.ema if self.ema is not None else self.model
+
+    def _test_metrics(self) -> dict[str, float]:
+        logits = predict(self.evaluation_model(), self.data.test.images, self.data.mean, self.data.std,
+                         device=self.device, amp_dtype=self.amp_dtype)
+        labels = self.data.test.labels
+        return {"test_top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
+                "test_loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        if not (resume and self.resume()):
+            self._maybe_init_from_data()
+            if self.ema is not None:
+                self.ema.load_state_dict(self.model.state_dict())
+        self._emit("on_train_start")
+        steps_per_epoch = len(self.train_loader)
+        epoch = self.start_epoch
+        for epoch in range(self.start_epoch, self.config.epochs):
+            started = time.perf_counter()
+            self.model.train()
+            self.objective.train()
+            sums: dict[str, float] = {}
+            correct = seen = 0
+            for step, (images, labels) in enumerate(self.train_loader):
+                lr = self._set_lr()
+                losses, logits = self._train_step(images, labels)
+                self.global_step += 1
+                if self.ema is not None and self.global_step % self.config.ema_every == 0:
+                    self._update_ema()
+                values = {name: value.item() for name, value in losses.items()}
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+                self._emit("on_step_end", StepInfo(epoch, step, steps_per_epoch, self.global_step, lr, values))
+                if self.stop_requested:
+                    break
+            if self.stop_requested:
+                break
+            train_metrics = {name: total / seen for name, total in sums.items()}
+            train_metrics["train_top1"] = 100.0 * correct / seen
+            last = epoch == self.config.epochs - 1
+            evaluate_now = last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0)
+            test_metrics = self._test_metrics() if evaluate_now else {}
+            self.train_seconds += time.perf_counter() - started
+            info = EpochInfo(epoch, self.config.epochs, train_metrics, test_metrics, time.perf_counter() - started)
+            self.history.append(info)
+            if self.state_path is not None:
+                self._save_state(epoch)
+            self._emit("on_epoch_end", info)
+        self._emit("on_train_end")
+        done = len(self.history)
+        last_test = self.history[-1].test.get("test_top1") if self.history else None
+        return TrainResult(self.evaluation_model(), self.history, last_test, self.train_seconds,
+                           stopped=self.stop_requested, epochs_done=done)

@@ -30,17 +30,18 @@ def class_activation_map(model: Classifier, features: torch.Tensor, classes: tor
         raise ValueError(f"{type(model).__name__} has no spatial feature map, so it has no CAM")
     weight = model.linear_cam_weight()
     if weight is not None:
-        class_weights = weight[classes].to(features.dtype)  # (B, C)
-        return torch.einsum("bc,bchw->bhw", class_weights, features)
+        class_weights = weight[classes].float()  # (B, C)
+        return torch.einsum("bc,bchw->bhw", class_weights, features.float())
     if logits is None or not features.requires_grad:
         features = features.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model.forward_head(features)
         create_graph = False
-    score = logits.gather(1, classes[:, None]).sum()
+    score = logits.float().gather(1, classes[:, None]).sum()
+    # the gradient is taken with respect to the very tensor the head consumed (bf16 under autocast)
     (gradient,) = torch.autograd.grad(score, features, create_graph=create_graph)
-    alpha = gradient.mean(dim=(2, 3))  # (B, C)
-    return F.relu(torch.einsum("bc,bchw->bhw", alpha, features))
+    alpha = gradient.float().mean(dim=(2, 3))  # (B, C)
+    return F.relu(torch.einsum("bc,bchw->bhw", alpha, features.float()))
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -176,3 +176,24 @@ def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
             row["error"] = str(error)
         rows.append(row)
     return rows
+
+
+def update_metadata(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into a checkpoint's metadata (one level deep for dicts such as
+    ``metrics``) and rewrite the file atomically; the tensors are copied unchanged."""
+    path = Path(path)
+    meta = read_metadata(path)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key] = {**meta[key], **value}
+        else:
+            meta[key] = value
+    with safe_open(str(path), "pt", device="cpu") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+
+    class _Tensors(torch.nn.Module):  # save_checkpoint takes a module; this one just holds tensors
+        def state_dict(self, *args, **kwargs):
+            return tensors
+
+    save_checkpoint(path, _Tensors(), meta)
+    return meta

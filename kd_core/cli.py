@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "when it lies beside the student)")
     evaluate.add_argument("--speed", action="store_true", help="also measure CPU latency (batch 1 and 256) and peak memory")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    evaluate.add_argument("--record", action="store_true",
+                          help="write the measurements (per-class accuracy, confusion, top-5, and with --speed "
+                               "latency and memory) into each checkpoint's metadata")
     evaluate.add_argument("--cache-dir", type=Path)
 
     listing = commands.add_parser("list", help="describe the checkpoints in a folder")
@@ -224,6 +227,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             report["latency_ms_batch256"] = measure_latency(checkpoint.model, shape, 256, repeats=5, warmup=1)
             report["peak_memory_bytes_batch256"] = measure_peak_memory(checkpoint.model, shape, 256)
         reports.append(report)
+        if args.record:
+            _record(path, report)
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0
@@ -246,6 +251,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         for name, row in zip(report["classes"], report["confusion"]):
             print(f"    {name:>{width}} " + " ".join(f"{count:5d}" for count in row))
     return 0
+
+
+def _record(path: Path, report: dict) -> None:
+    from .checkpoint import update_metadata
+
+    recorded = report["recorded_top1"]
+    if recorded is not None and abs(recorded - report["top1"]) > 0.1:
+        raise UsageError(f"{path.name}: measured top-1 {report['top1']:.2f}% differs from the recorded {recorded}%; "
+                         "not recording (evaluated on another data set?)")
+    keys = ("top5", "per_class", "confusion", "latency_ms_batch1", "latency_ms_batch256",
+            "peak_memory_bytes_batch256", "top1_agreement", "kl_teacher_student")
+    metrics = {("test_top5" if key == "top5" else key): report[key] for key in keys if key in report}
+    if "latency_ms_batch1" in metrics:
+        import torch
+        metrics["latency_device"] = f"cpu, {torch.get_num_threads()} threads"
+    update_metadata(path, {"metrics": metrics})
+    print(f"recorded measurements in {path}")
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import torch
 from . import __version__, models
 from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint
 from .data import DataBundle, load_data
-from .evaluation import predict
+from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
 from .training import Callback, TrainConfig, Trainer, TrainResult
 
@@ -55,12 +55,10 @@ def check_compatible(teacher: LoadedCheckpoint, data: DataBundle) -> None:
                          f"the data set has {list(data.input_shape)}")
 
 
-def evaluate_top1(model: models.Classifier, data: DataBundle, device: torch.device) -> tuple[float, float]:
-    """Test top-1 and top-5 in float32: the numbers a checkpoint records and CI re-checks."""
+def evaluate_final(model: models.Classifier, data: DataBundle, device: torch.device) -> dict[str, Any]:
+    """Float32 test metrics: the numbers a checkpoint records and CI re-checks."""
     logits = predict(model, data.test.images, data.mean, data.std, device=device)
-    labels = data.test.labels
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None]).any(1)
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item(), 100.0 * top5.float().mean().item()
+    return classification_report(logits, data.test.labels)
 
 
 def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tuple[TrainResult, Path | None]:
@@ -88,7 +86,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     if result.stopped:
         return result, None
     final = result.model.float().eval()
-    test_top1, test_top5 = evaluate_top1(final, data, trainer.device)
+    report = evaluate_final(final, data, trainer.device)
     final = final.cpu().to(memory_format=torch.contiguous_format)
     meta = {
         "name": spec.name or spec.output.stem,
@@ -102,7 +100,9 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         "recipe": spec.recipe,
         "config": spec.config.to_dict(),
         "teacher": teacher_summary(teacher) if teacher else None,
-        "metrics": {"test_top1": round(test_top1, 2), "test_top5": round(test_top5, 2),
+        "metrics": {"test_top1": round(report["top1"], 2), "test_top5": round(report["top5"], 2),
+                    "per_class": [round(value, 2) for value in report["per_class"]],
+                    "confusion": report["confusion"],
                     "params": count_parameters(final), "macs": count_macs(final, data.input_shape)},
         "history": [{"epoch": info.epoch + 1, "loss": round(info.train["loss"], 4),
                      "train_top1": round(info.train["train_top1"], 2),
@@ -115,5 +115,5 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         "versions": {"kd_core": __version__, "torch": torch.__version__},
     }
     path = save_checkpoint(spec.output, final, meta)
-    result.test_top1 = test_top1
+    result.test_top1 = report["top1"]
     return result, path

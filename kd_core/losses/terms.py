@@ -107,9 +107,9 @@ class CamAlignment(LossTerm):
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
         student, teacher = outputs.student, outputs.teacher
         classes = teacher.logits.argmax(1) if self.target == "teacher" else outputs.labels
-        student_maps = class_activation_map(student.model, student.features.float(), classes,
-                                            student.logits.float() if student.features.requires_grad else None)
-        teacher_maps = class_activation_map(teacher.model, teacher.features.float().detach(), classes).detach()
+        student_maps = class_activation_map(student.model, student.features, classes,
+                                            student.logits if student.features.requires_grad else None)
+        teacher_maps = class_activation_map(teacher.model, teacher.features.detach(), classes).detach()
         size = max(student_maps.shape[-2:], teacher_maps.shape[-2:], key=lambda hw: hw[0] * hw[1])
         student_maps = normalize_maps(resize_maps(student_maps, size))
         teacher_maps = normalize_maps(resize_maps(teacher_maps, size))

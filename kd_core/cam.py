@@ -30,18 +30,25 @@ def class_activation_map(model: Classifier, features: torch.Tensor, classes: tor
         raise ValueError(f"{type(model).__name__} has no spatial feature map, so it has no CAM")
     weight = model.linear_cam_weight()
     if weight is not None:
-        class_weights = weight[classes].float()  # (B, C)
-        return torch.einsum("bc,bchw->bhw", class_weights, features.float())
+        return _weighted_sum(weight[classes], features)  # weight[classes]: (B, C)
     if logits is None or not features.requires_grad:
         features = features.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model.forward_head(features)
         create_graph = False
-    score = logits.float().gather(1, classes[:, None]).sum()
+    with torch.enable_grad():  # callers may ask for a (teacher's) map under torch.no_grad()
+        score = logits.float().gather(1, classes[:, None]).sum()
     # the gradient is taken with respect to the very tensor the head consumed (bf16 under autocast)
     (gradient,) = torch.autograd.grad(score, features, create_graph=create_graph)
     alpha = gradient.float().mean(dim=(2, 3))  # (B, C)
-    return F.relu(torch.einsum("bc,bchw->bhw", alpha, features.float()))
+    return F.relu(_weighted_sum(alpha, features))
+
+
+def _weighted_sum(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``sum_c w_bc * A_bchw`` -> ``(B, H, W)`` in float32. Autocast would run the einsum in bf16,
+    and min-max normalizing a bf16 map turns its rounding into huge gradients (the loss diverged)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.einsum("bc,bchw->bhw", weights.float(), features.float())
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

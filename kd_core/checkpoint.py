@@ -122,7 +122,11 @@ def build_model(meta: dict[str, Any], where: str = "checkpoint") -> models.Class
     if meta["arch"] not in models.list_models():
         raise CheckpointError(f"{where} has unknown architecture {meta['arch']!r}; "
                               f"this kd_core knows: {', '.join(models.list_models())}")
-    return models.create(meta["arch"], **meta["arch_args"])
+    try:
+        return models.create(meta["arch"], **meta["arch_args"])
+    except (TypeError, ValueError) as error:  # arguments this kd_core's model does not take
+        raise CheckpointError(f"{where}: cannot build {meta['arch']} from arch_args "
+                              f"{meta['arch_args']}: {error}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -146,8 +150,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                     + ("; " if missing and unexpected else "")
                     + (f"unexpected tensors {', '.join(unexpected[:5])}" if unexpected else ""))
             tensors = {name: handle.get_tensor(name) for name in stored_names}
-    except SafetensorError as error:
-        raise CheckpointError(f"{path.name} is damaged: {error}") from None
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path.name} is damaged or went away while loading: {error}") from None
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, "

@@ -20,6 +20,7 @@ from .training import TqdmProgress, TrainConfig
 
 LOSS_TERMS = ("ce", "kd", "feature", "cam", "cosine", "at")
 CHECKPOINT_DIR = Path("checkpoints")
+DEFAULT_DISTILL_WEIGHTS = {"ce": 0.5, "kd": 0.5}  # Hinton's alpha = 0.5 when no weight is given
 
 
 class UsageError(Exception):
@@ -72,7 +73,8 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     if distill:
         loss = parser.add_argument_group(
             "distillation objective: loss = sum of weight x term (Hinton's alpha mix is --ce 1-a --kd a)")
-        loss.add_argument("--ce", type=float, help="weight of cross-entropy with the labels (default 1 without a recipe)")
+        loss.add_argument("--ce", type=float, help="weight of cross-entropy with the labels; without a recipe and without any weight given, "
+                          "distill uses --ce 0.5 --kd 0.5")
         loss.add_argument("--kd", type=float, help="weight of Hinton KD, KL(softmax(t/T) || softmax(s/T)) * T^2")
         loss.add_argument("--feature", type=float, help="weight of the FitNets hint (MSE through a 1x1 adapter)")
         loss.add_argument("--cam", type=float, help="weight of CAM alignment (CAM-KD)")
@@ -143,6 +145,8 @@ def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) 
             weights = dict(base.loss_weights) if args.recipe else {}
             weights.update(given)
             overrides["loss_weights"] = weights
+        elif not args.recipe:
+            overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
         for key in ("temperature", "cam_target", "cam_distance", "feature_spatial"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,10 +203,13 @@ def _folder(path: Path, image_size: int | None) -> DataBundle:
     if path.is_file():
         if not tarfile.is_tarfile(path):
             raise DataError(f"{str(path)!r} is neither a folder nor a .tar.gz archive")
-        with tarfile.open(path) as archive:
-            entries = [(member.name, archive.extractfile(member).read())
-                       for member in archive.getmembers()
-                       if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES]
+        try:
+            with tarfile.open(path) as archive:
+                entries = [(member.name, archive.extractfile(member).read())
+                           for member in archive.getmembers()
+                           if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES]
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+            raise DataError(f"{str(path)!r} is a damaged archive (truncated copy?): {error}") from None
         listing = [(Path(name).parts, data) for name, data in entries]
     else:
         listing = [(file.relative_to(path).parts, file)
@@ -215,6 +219,8 @@ def _folder(path: Path, image_size: int | None) -> DataBundle:
         split_names = {parts[depth] for parts, _ in listing if len(parts) > depth + 2}
         if "train" in split_names:
             break
+    else:  # no train/ at any level: name what the top level holds
+        split_names = {parts[0] for parts, _ in listing if len(parts) > 1}
     train_name, test_name = _split_names(split_names, str(path))
     per_split: dict[str, list[tuple[str, object]]] = {train_name: [], test_name: []}
     for parts, item in listing:
@@ -223,20 +229,25 @@ def _folder(path: Path, image_size: int | None) -> DataBundle:
     classes = sorted({label for label, _ in per_split[train_name]})
     if not classes:
         raise DataError(f"{path}/train has no class folders with images")
-    decoded = [_decode_split(per_split[name], classes, image_size, str(path)) for name in (train_name, test_name)]
-    return _bundle(decoded[0], decoded[1], classes)
+    train, mode, size = _decode_split(per_split[train_name], classes, image_size, str(path))
+    test, _, _ = _decode_split(per_split[test_name], classes, image_size, str(path), mode, size)
+    return _bundle(train, test, classes)
 
 
 def _decode_split(items: list[tuple[str, object]], classes: list[str], image_size: int | None,
-                  where: str) -> Split:
+                  where: str, mode: str | None = None,
+                  size: tuple[int, int] | None = None) -> tuple[Split, str, tuple[int, int]]:
+    """Decode one split; mode and size come from its first image unless given (the test split
+    takes the training split's, so both have one shape)."""
     class_index = {name: index for index, name in enumerate(classes)}
     items = [(label, item) for label, item in items if label in class_index]
     if not items:
         raise DataError(f"{where}: a split holds no images of the training classes")
     read = lambda item: item if isinstance(item, bytes) else Path(item).read_bytes()  # noqa: E731
-    first = Image.open(io.BytesIO(read(items[0][1])))
-    mode = "L" if first.mode in ("L", "I;16", "I", "1") else "RGB"
-    size = (image_size, image_size) if image_size else first.size
+    if mode is None or size is None:
+        first = Image.open(io.BytesIO(read(items[0][1])))
+        mode = "L" if first.mode in ("L", "I;16", "I", "1") else "RGB"
+        size = (image_size, image_size) if image_size else first.size
 
     def decode(entry: tuple[str, object]) -> np.ndarray:
         try:
@@ -248,7 +259,7 @@ def _decode_split(items: list[tuple[str, object]], classes: list[str], image_siz
         arrays = list(pool.map(decode, items, chunksize=256))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
     labels = torch.tensor([class_index[label] for label, _ in items], dtype=torch.int64)
-    return Split(images, labels)
+    return Split(images, labels), mode, size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``airnet``: the fast CIFAR teacher, after Keller Jordan's airbench94 (arXiv:2404.00498).
 
 A VGG-like net without residuals: a 2x2 patch-whitening convolution initialised from the training
-images (and kept frozen), then three conv groups (64, 256, 256 channels) of
+images (weights and bias kept frozen), then three conv groups (64, 256, 256 channels) of
 conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU, a global max pool and a bias-free linear head
 scaled by 1/9. BatchNorm scales stay fixed at one, so every conv is scale-invariant and trains
 well at the large learning rates that make the recipe fast. Convs start as partial identities
@@ -58,7 +58,7 @@ class AirNet(Classifier):
         super().__init__()
         whiten_width = 2 * in_channels * 2 * 2
         whiten = nn.Conv2d(in_channels, whiten_width, 2, padding=0)  # (B, 24, H-1, W-1)
-        whiten.weight.requires_grad_(False)
+        whiten.requires_grad_(False)  # filters set from data (init_from_data), then kept fixed
         self.features = nn.Sequential(
             whiten, nn.GELU(),
             _ConvGroup(whiten_width, widths[0]),   # (B, 64, 15, 15) for 32x32 input

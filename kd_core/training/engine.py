@@ -228,6 +228,8 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, self.config.epochs):
+            if self.stop_requested:  # asked between epochs (e.g. in on_epoch_end): train no more steps
+                break
             started = time.perf_counter()
             self.model.train()
             self.objective.train()

@@ -1,0 +1,116 @@
+"""Model comparison for the dashboard's Models tab: a table of every checkpoint, accuracy/cost
+charts, per-class accuracy, the confusion matrix and the images a student gets wrong where its
+teacher is right. Figures are plotly; numbers come from checkpoint metadata."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from safetensors import safe_open
+
+from .checkpoint import LoadedCheckpoint, list_checkpoints
+from .evaluation import predict
+
+TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)", "method",
+                 "teacher", "train (min)", "CPU latency b1 (ms)"]
+
+
+def checkpoint_rows(directory: str | Path) -> list[dict[str, Any]]:
+    """Usable checkpoints only, as flat dicts (broken files are reported by ``list_checkpoints``)."""
+    rows = []
+    for entry in list_checkpoints(directory):
+        if "error" in entry:
+            continue
+        meta = entry["meta"]
+        metrics = meta.get("metrics", {})
+        rows.append({
+            "name": entry["name"], "arch": meta["arch"], "role": meta.get("role", ""),
+            "params": metrics.get("params"), "MACs (M)": round(metrics.get("macs", 0) / 1e6, 1),
+            "size (MB)": round(entry["file_size"] / 1e6, 2), "test top-1 (%)": metrics.get("test_top1"),
+            "method": meta.get("method", ""), "teacher": (meta.get("teacher") or {}).get("name", ""),
+            "train (min)": round(meta.get("train_seconds", 0) / 60, 1),
+            "CPU latency b1 (ms)": round(metrics["latency_ms_batch1"], 2) if "latency_ms_batch1" in metrics else None,
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[row[column] for column in TABLE_COLUMNS] for row in rows]
+
+
+def accuracy_chart(rows: list[dict[str, Any]], x: str = "params") -> go.Figure:
+    """Test top-1 against parameters (log scale) or against CPU batch-1 latency."""
+    key = {"params": "params", "latency": "CPU latency b1 (ms)"}[x]
+    points = [row for row in rows if row.get(key) is not None and row.get("test top-1 (%)") is not None]
+    figure = go.Figure()
+    for role, symbol in (("teacher", "diamond"), ("student", "circle")):
+        chosen = [row for row in points if row["role"] == role]
+        figure.add_trace(go.Scatter(
+            x=[row[key] for row in chosen], y=[row["test top-1 (%)"] for row in chosen], mode="markers+text",
+            text=[row["name"] for row in chosen], textposition="top center", name=role,
+            marker={"size": 12, "symbol": symbol}))
+    figure.update_layout(xaxis_title="parameters" if x == "params" else "CPU latency, batch 1 (ms)",
+                         yaxis_title="test top-1 (%)", xaxis_type="log", height=380,
+                         margin={"l": 40, "r": 20, "t": 30, "b": 40})
+    if not points:
+        figure.add_annotation(text="no measurements yet (python -m kd_core evaluate --speed --record)",
+                              showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return figure
+
+
+def per_class_chart(meta: dict[str, Any]) -> go.Figure:
+    classes = meta["data"]["classes"]
+    per_class = meta.get("metrics", {}).get("per_class")
+    figure = go.Figure()
+    if per_class:
+        figure.add_trace(go.Bar(x=classes, y=per_class, text=[f"{value:.1f}" for value in per_class]))
+    else:
+        figure.add_annotation(text="no per-class accuracy recorded", showarrow=False, x=0.5, y=0.5,
+                              xref="paper", yref="paper")
+    figure.update_layout(yaxis_title="test accuracy (%)", yaxis_range=[0, 100], height=320,
+                         margin={"l": 40, "r": 20, "t": 30, "b": 40})
+    return figure
+
+
+def confusion_chart(meta: dict[str, Any]) -> go.Figure:
+    classes = meta["data"]["classes"]
+    confusion = meta.get("metrics", {}).get("confusion")
+    figure = go.Figure()
+    if confusion:
+        counts = np.asarray(confusion)
+        figure.add_trace(go.Heatmap(z=counts, x=classes, y=classes, colorscale="Blues", text=counts,
+                                    texttemplate="%{text}", hovertemplate="true %{y}<br>predicted %{x}: %{z}"))
+        figure.update_yaxes(autorange="reversed")
+    figure.update_layout(xaxis_title="predicted", yaxis_title="true", height=420,
+                         margin={"l": 40, "r": 20, "t": 30, "b": 40})
+    return figure
+
+
+def load_sample(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The shipped test-image sample: uint8 images ``(N, C, H, W)``, labels, class names."""
+    with safe_open(str(path), "pt") as handle:
+        classes = json.loads(handle.metadata()["classes"])
+        return handle.get_tensor("images"), handle.get_tensor("labels"), classes
+
+
+def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, images: torch.Tensor,
+                     labels: torch.Tensor, classes: list[str], limit: int = 24) -> list[tuple[np.ndarray, str]]:
+    """Images the teacher classifies correctly and the student does not, with captions."""
+    if student.classes != classes or teacher.classes != classes:
+        return []
+    student_predictions = predict(student.model, images, student.mean, student.std).argmax(1)
+    teacher_predictions = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1)
+    chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:limit, 0]
+    gallery = []
+    for index in chosen.tolist():
+        picture = images[index].permute(1, 2, 0).numpy()  # (H, W, C)
+        picture = np.repeat(picture, 4, axis=0).repeat(4, axis=1)  # 32x32 is too small to see
+        if picture.shape[2] == 1:
+            picture = np.repeat(picture, 3, axis=2)
+        caption = (f"true {classes[labels[index]]}; student says {classes[student_predictions[index]]}")
+        gallery.append((picture, caption))
+    return gallery

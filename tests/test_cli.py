@@ -1,0 +1,158 @@
+"""``python -m kd_core``, called in-process: one-line errors with exit status 2, complete help, and
+train -> distill -> evaluate on a tiny image folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+
+from conftest import write_image_folder
+from kd_core.checkpoint import file_sha256, read_metadata
+from kd_core.cli import LOSS_TERMS, build_parser, main
+from kd_core.losses import LOSSES
+
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # defaults such as checkpoints/ and runs/ must not touch the repo
+    return tmp_path
+
+
+@pytest.fixture
+def folder_data(workdir):
+    write_image_folder(workdir / "data", CLASSES, {"train": 16, "test": 8}, size=32)
+    return f"folder:{workdir / 'data'}"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def common(workdir, name):
+    return ["--epochs", 1, "--batch-size", 16, "--limit", 40, "--output", workdir / "ck" / f"{name}.safetensors",
+            "--run-dir", workdir / "runs" / name, "--cache-dir", workdir / "cache"]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+CACHE = ["--cache-dir", "{workdir}/cache"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet21", "--data", "{data}", *CACHE], "error: unknown model 'resnet21'; choose one of: "),
+    (["train", "--model", "camnet", "--data", "folder:{workdir}/nowhere", *CACHE],
+     "error: data set folder '.*nowhere' does not exist"),
+    (["train", "--model", "camnet", "--data", "{data}", "--epochs", "-2", *CACHE], "error: epochs must be at least 1, got -2"),
+    (["train", "--model", "camnet", "--data", "{data}", "--epochs", "0", *CACHE], "error: epochs must be at least 1, got 0"),
+    (["train", "--data", "{data}"], "error: say which model to train: --model ARCH or --recipe NAME"),
+    (["distill", "--student", "camnet", "--teacher", "t.safetensors", "--kd", "1", "--temperature", "0"],
+     "error: temperature T must be positive, got 0.0"),
+    (["distill", "--student", "camnet", "--teacher", "t.safetensors", "--kd", "1", "-T", "-1"],
+     "error: temperature T must be positive, got -1.0"),
+    (["distill", "--student", "camnet", "--data", "{data}", "--kd", "1", *CACHE], "error: distill needs --teacher CHECKPOINT"),
+    (["distill", "--student", "camnet", "--data", "{data}", "--kd", "-1", "--teacher", "t.safetensors"],
+     "error: loss weights must not be negative"),
+    (["distill", "--student", "camnet", "--data", "{data}", "--kd", "1", "--teacher", "{workdir}/missing.safetensors",
+      *CACHE], "error: no checkpoint file at .*missing.safetensors"),
+    (["evaluate", "{workdir}/missing.safetensors", *CACHE], "error: no checkpoint file at .*missing.safetensors"),
+    (["list", "{workdir}/no-such-folder"], "error: no folder .*no-such-folder"),
+])
+def test_errors_are_one_line_with_status_2(capsys, workdir, folder_data, argv, message):
+    code, out, err = run_cli(capsys, *[arg.format(data=folder_data, workdir=workdir) for arg in argv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(message, lines[0]), err
+    assert "Traceback" not in err and not (workdir / "ck").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# help
+
+
+TRAINING_OPTIONS = ["--recipe", "--data", "--output", "--name", "--run-dir", "--fresh", "--cache-dir", "--epochs",
+                    "--batch-size", "--lr", "--optimizer", "--momentum", "--weight-decay", "--schedule",
+                    "--warmup-epochs", "--label-smoothing", "--ema-decay", "--seed", "--limit", "--device",
+                    "--no-amp", "--eval-every", "--crop-padding", "--no-flip", "--rotation", "--color-jitter", "--cutout"]
+HELP_OPTIONS = {
+    "train": TRAINING_OPTIONS + ["--model"],
+    "distill": TRAINING_OPTIONS + ["--student", "--teacher", "--temperature", "--cam-target", "--cam-distance",
+                                   "--feature-spatial"] + [f"--{term}" for term in LOSS_TERMS],
+    "evaluate": ["--data", "--teacher", "--speed", "--json", "--cache-dir"],
+    "list": ["--json"],
+}
+
+
+def test_every_loss_term_has_a_flag():
+    assert sorted(LOSS_TERMS) == LOSSES.names()
+
+
+def subcommand_options(command: str) -> list[str]:
+    parser = build_parser()
+    (subparsers,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return [option for action in subparsers.choices[command]._actions for option in action.option_strings]
+
+
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
+def test_help_mentions_every_option(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in set(HELP_OPTIONS[command]) | set(subcommand_options(command)):
+        assert re.search(rf"(^|\s|,\s*){re.escape(option)}\b", text), f"{command} --help lacks {option}"
+
+
+def test_models_lists_parameter_counts(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    assert re.search(r"^camnet\s+96,170 parameters$", out, re.M)
+    assert re.search(r"^resnet20\s+269,722 parameters$", out, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_train_distill_evaluate(capsys, workdir, folder_data):
+    code, out, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "teacher"))
+    assert code == 0 and re.search(r"wrote .*teacher.safetensors: test top-1 \d+\.\d\d%", out)
+    teacher_path = workdir / "ck" / "teacher.safetensors"
+
+    code, out, _ = run_cli(capsys, "distill", "--student", "camnet", "--teacher", teacher_path, "--data", folder_data,
+                           "--ce", 0.5, "--kd", 1, "--cam", 1, "--feature", 1, "-T", 2, *common(workdir, "student"))
+    assert code == 0, out
+    student_path = workdir / "ck" / "student.safetensors"
+    meta = read_metadata(student_path)
+    assert meta["arch"] == "camnet" and meta["role"] == "student" and meta["method"] == "ce+kd+feature+cam"
+    assert meta["data"]["classes"] == CLASSES and meta["data"]["input_size"] == [3, 32, 32]
+    assert meta["data"]["train_size"] == 40 and meta["data"]["test_size"] == 24
+    assert meta["config"]["temperature"] == 2 and meta["config"]["loss_weights"] == {"ce": 0.5, "kd": 1, "cam": 1, "feature": 1}
+    assert meta["name"] == "camnet" and meta["teacher"]["name"] == "lightnn"  # --name defaults to the arch
+    assert meta["teacher"]["file"] == "teacher.safetensors" and meta["teacher"]["sha256"] == file_sha256(teacher_path)
+    assert meta["metrics"]["file_size"] == student_path.stat().st_size and len(meta["history"]) == 1
+    assert (workdir / "runs" / "student" / "resume.safetensors").exists()
+
+    code, out, _ = run_cli(capsys, "evaluate", student_path, "--cache-dir", workdir / "cache")
+    assert code == 0
+    printed = re.search(r"top-1 (\d+\.\d\d)%  top-5 (\d+\.\d\d)%  \(recorded: ([\d.]+)\)", out)
+    assert printed and printed.group(1) == f"{float(printed.group(3)):.2f}" == f"{meta['metrics']['test_top1']:.2f}"
+    assert f"vs teacher {teacher_path}: top-1 agreement" in out  # the recorded teacher lies beside the student
+    assert "per class: cat " in out and "params 96,170" not in out  # 3 classes: not the 10-class size
+    code, out, _ = run_cli(capsys, "evaluate", student_path, "--cache-dir", workdir / "cache", "--json")
+    (report,) = json.loads(out)
+    assert round(report["top1"], 2) == meta["metrics"]["test_top1"] and report["params"] == meta["metrics"]["params"]
+    assert sum(map(sum, report["confusion"])) == 24
+
+    code, out, _ = run_cli(capsys, "list", workdir / "ck")
+    assert code == 0
+    assert re.search(r"^student\s+camnet\s+student", out, re.M) and re.search(r"^teacher\s+lightnn\s+teacher", out, re.M)

@@ -1,0 +1,362 @@
+"""The Explain tab's backend: CAM methods, explain(), agreement measures, the model cache, bench."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kd_core.explain as explain_module
+from kd_core import bench, models
+from kd_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kd_core.explain import (MissingCheckpointError, ModelCache, ModelExplanation, cam_correlation, cam_methods,
+                             compare, compute_cam, explain, overlay_heatmap, top_region_iou)
+from kd_core.images import ImageError, load_image, to_model_input
+from kd_core.models.base import GapLinearClassifier, GapLinearHead
+
+CLASSES = ["cat", "dog", "bird"]
+ZOO = {  # name: (arch, extra arch args, input channels, input side)
+    "camnet": ("camnet", {}, 3, 32),
+    "lightnn": ("lightnn", {"input_size": 16}, 3, 16),
+    "mlp": ("mlp", {"input_size": 16, "hidden": [32]}, 3, 16),
+    "camnet_gray": ("camnet", {}, 1, 32),
+}
+
+
+def save_tiny(directory, name, seed=0, classes=CLASSES):
+    arch, extra, channels, side = ZOO[name]
+    torch.manual_seed(seed)
+    arch_args = {"num_classes": len(classes), "in_channels": channels, **extra}
+    meta = {"arch": arch, "arch_args": arch_args,
+            "data": {"source": "synthetic", "classes": classes, "input_size": [channels, side, side],
+                     "mean": [0.5] * channels, "std": [0.25] * channels}}
+    return save_checkpoint(directory / f"{name}.safetensors", models.create(arch, **arch_args), meta)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoints")
+    for name in ZOO:
+        save_tiny(directory, name)
+    return ModelCache(directory)
+
+
+@pytest.fixture
+def photo():
+    """90 x 140 RGB with a bright disc on a darker gradient."""
+    rows, columns = np.mgrid[0:90, 0:140]
+    pixels = np.stack([columns / 140, rows / 90, np.full((90, 140), 0.3)], axis=-1)
+    pixels[(rows - 30) ** 2 + (columns - 100) ** 2 < 15 ** 2] = 1.0
+    return np.round(pixels * 255).astype(np.uint8)
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) + len(module._backward_hooks) for module in model.modules())
+
+
+# --- CAM methods ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", cam_methods())
+@pytest.mark.parametrize("name", ["camnet", "lightnn"])
+def test_every_method_gives_a_unit_range_map(zoo, photo, name, method):
+    checkpoint = zoo.get(name)
+    side = ZOO[name][3]
+    logits, cam = compute_cam(checkpoint.model, to_model_input(load_image(photo), checkpoint.meta), method)
+    assert logits.shape == (len(CLASSES),)
+    assert cam.shape == (side, side) and cam.dtype == np.float32
+    assert cam.min() >= 0.0 and cam.max() <= 1.0
+    assert hooks_left(checkpoint.model) == 0
+
+
+class BrightnessNet(GapLinearClassifier):
+    """Feature map ``relu(mean(RGB) - 0.3)``: only bright pixels fire; class 0 is their mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+        self.head = GapLinearHead(2, 2)
+        with torch.no_grad():
+            self.features[0].weight.fill_(1 / 3)
+            self.features[0].bias.fill_(-0.3)
+            self.head.fc.weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+            self.head.fc.bias.zero_()
+
+
+# EigenCAM is left out: its first principal component has an arbitrary sign.
+@pytest.mark.parametrize("method", sorted(set(cam_methods()) - {"eigencam"}))
+def test_the_map_peaks_on_the_bright_region(method):
+    image = torch.full((1, 3, 16, 16), 0.1)
+    image[:, :, 3:7, 9:13] = 1.0
+    square = np.zeros((16, 16), dtype=bool)
+    square[3:7, 9:13] = True
+    model = BrightnessNet().requires_grad_(False).eval()
+    _, cam = compute_cam(model, image, method, target=0)
+    assert square[np.unravel_index(cam.argmax(), cam.shape)]
+    assert cam[square].min() > 0.9 and cam[~square].max() < 0.05
+
+
+# --- explain -------------------------------------------------------------------------------------
+
+def test_explain_teacher_and_students(zoo, photo):
+    checkpoints = [zoo.get(name) for name in ("camnet", "lightnn", "mlp", "camnet_gray")]
+    result = explain(photo, checkpoints, top_k=2)
+    assert result.image.shape == (90, 140, 3) and result.method == "gradcam"
+    assert [entry.name for entry in result.models] == ["camnet", "lightnn", "mlp", "camnet_gray"]
+    for entry, checkpoint in zip(result.models, checkpoints):
+        with torch.no_grad():
+            logits = checkpoint.model(to_model_input(load_image(photo), checkpoint.meta))[0]
+        expected = torch.softmax(logits.double(), 0).numpy()
+        assert np.allclose(entry.probabilities, expected, atol=1e-6)
+        assert abs(entry.probabilities.sum() - 1) < 1e-5
+        assert entry.predicted == int(expected.argmax()) and entry.predicted_class == CLASSES[entry.predicted]
+        probabilities = [probability for _, probability in entry.top_k]
+        assert len(entry.top_k) == 2 and probabilities == sorted(probabilities, reverse=True)
+        assert entry.top_k[0] == (entry.predicted_class, pytest.approx(expected.max()))
+    teacher, lightnn, mlp, gray = result.models
+    for entry, side in ((teacher, 32), (lightnn, 16), (gray, 32)):
+        assert entry.cam.shape == (side, side) and 0 <= entry.cam.min() and entry.cam.max() <= 1
+        assert entry.overlay.shape == (90, 140, 3) and entry.overlay.dtype == np.uint8
+        assert entry.target == entry.predicted
+    assert mlp.cam is None and mlp.overlay is None and mlp.target is None
+    assert "no CAM for this architecture" in mlp.note
+    assert [agreement.student for agreement in result.agreements] == ["lightnn", "mlp", "camnet_gray"]
+    lightnn_agreement, mlp_agreement, _ = result.agreements
+    p, q = teacher.probabilities, lightnn.probabilities
+    assert lightnn_agreement.kl_teacher_student == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-4)
+    assert lightnn_agreement.same_top1 == (teacher.predicted == lightnn.predicted)
+    assert mlp_agreement.cam_correlation is None and mlp_agreement.cam_top_region_iou is None
+    assert all(hooks_left(checkpoint.model) == 0 for checkpoint in checkpoints)
+
+
+def test_overlay_is_drawn_at_the_capped_display_resolution(zoo):
+    big = np.zeros((1536, 2048, 3), dtype=np.uint8)
+    result = explain(big, [zoo.get("camnet")])
+    assert result.image.shape == (768, 1024, 3) and result.teacher.overlay.shape == (768, 1024, 3)
+
+
+def test_a_model_agrees_with_itself(zoo, photo):
+    camnet = zoo.get("camnet")
+    result = explain(photo, [camnet, camnet], method="eigencam")
+    (agreement,) = result.agreements
+    assert agreement.same_top1 and agreement.kl_teacher_student == 0.0
+    assert agreement.cam_correlation == pytest.approx(1.0) and agreement.cam_top_region_iou == 1.0
+
+
+@pytest.mark.parametrize("target, expected", [(2, 2), ("bird", 2), ("dog", 1)])
+def test_a_chosen_target_is_explained_by_every_model(zoo, photo, target, expected):
+    result = explain(photo, [zoo.get("camnet"), zoo.get("lightnn")], target=target)
+    assert [entry.target for entry in result.models] == [expected, expected]
+
+
+def test_target_teacher_explains_the_teachers_class(zoo, photo):
+    result = explain(photo, [zoo.get("camnet"), zoo.get("lightnn")], target="teacher")
+    assert [entry.target for entry in result.models] == [result.teacher.predicted] * 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"target": 3}, "out of range"), ({"target": True}, "out of range"), ({"target": "fish"}, "unknown target"),
+    ({"method": "magic"}, "gradcam"), ({"top_k": 0}, "top_k"), ({"opacity": 1.5}, "opacity"),
+])
+def test_bad_arguments_are_clear_errors(zoo, photo, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        explain(photo, [zoo.get("camnet")], **arguments)
+
+
+def test_no_checkpoints_or_no_image_are_clear_errors(zoo):
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        explain(np.zeros((8, 8, 3), np.uint8), [])
+    with pytest.raises(ImageError, match="no image"):
+        explain(None, [zoo.get("camnet")])
+
+
+def test_models_of_other_classes_or_in_training_are_refused(tmp_path, zoo, photo):
+    save_tiny(tmp_path, "lightnn", classes=["zero", "one", "two"])
+    other = ModelCache(tmp_path).get("lightnn")
+    with pytest.raises(ValueError, match="different classes"):
+        explain(photo, [zoo.get("camnet"), other])
+    other.model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        explain(photo, [other])
+
+
+def test_opacity_blends_image_and_heatmap(photo):
+    cam = np.tile(np.linspace(0, 1, 8, dtype=np.float32), (8, 1))
+    assert np.array_equal(overlay_heatmap(photo, cam, opacity=0.0), photo)
+    heat = overlay_heatmap(photo, cam, opacity=1.0)
+    assert heat.shape == photo.shape
+    assert tuple(heat[45, 0]) == (0, 0, 128) and tuple(heat[45, -1]) == (128, 0, 0)  # jet: blue .. red
+
+
+def test_concurrent_explains_match_sequential_ones(zoo, photo):
+    checkpoints = [zoo.get("camnet"), zoo.get("lightnn")]
+    expected = explain(photo, checkpoints)
+    results = []
+
+    def worker():
+        results.append(explain(photo, checkpoints))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    for result in results:
+        for got, want in zip(result.models, expected.models):
+            assert np.array_equal(got.cam, want.cam) and np.array_equal(got.probabilities, want.probabilities)
+
+
+def test_a_trainable_model_is_explained_and_left_without_gradients(tmp_path, photo):
+    loaded = load_checkpoint(save_tiny(tmp_path, "camnet"))
+    assert all(parameter.requires_grad for parameter in loaded.model.parameters())
+    result = explain(photo, [loaded])
+    assert result.teacher.cam.shape == (32, 32)
+    assert all(parameter.grad is None for parameter in loaded.model.parameters())
+
+
+# --- agreement measures --------------------------------------------------------------------------
+
+def outcome(name: str, probabilities: list[float], cam: np.ndarray | None = None) -> ModelExplanation:
+    logits = np.log(np.array(probabilities, dtype=np.float32))
+    predicted = int(np.argmax(probabilities))
+    return ModelExplanation(name=name, arch="camnet", logits=logits, probabilities=np.array(probabilities),
+                            top_k=[], predicted=predicted, predicted_class=str(predicted),
+                            target=None if cam is None else predicted, cam=cam, overlay=None)
+
+
+def test_kl_divergence_values():
+    same = compare(outcome("t", [0.2, 0.8]), outcome("s", [0.2, 0.8]))
+    assert same.kl_teacher_student == 0.0 and same.same_top1
+    differs = compare(outcome("t", [0.5, 0.5]), outcome("s", [0.9, 0.1]))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert differs.kl_teacher_student == pytest.approx(expected, rel=1e-5)
+    assert differs.cam_correlation is None and differs.cam_top_region_iou is None
+
+
+def test_maps_of_different_sizes_are_compared_at_one_size():
+    small = np.zeros((4, 4), dtype=np.float32)
+    small[:2, :2] = 1.0
+    large = cv2.resize(small, (8, 8), interpolation=cv2.INTER_LINEAR)
+    result = compare(outcome("t", [0.5, 0.5], small), outcome("s", [0.5, 0.5], large))
+    assert result.cam_correlation == pytest.approx(1.0) and result.cam_top_region_iou == 1.0
+
+
+def test_cam_similarity_values():
+    cam = np.random.default_rng(0).random((6, 6)).astype(np.float32)
+    assert cam_correlation(cam, cam) == pytest.approx(1.0)
+    assert cam_correlation(cam, 1 - cam) == pytest.approx(-1.0)
+    assert math.isnan(cam_correlation(cam, np.zeros_like(cam)))
+    left, right = np.zeros((5, 10)), np.zeros((5, 10))
+    left[:, :2], right[:, -2:] = 1.0, 1.0  # each hot fifth on opposite sides
+    assert top_region_iou(cam, cam) == 1.0 and top_region_iou(left, right) == 0.0
+
+
+# --- model cache ---------------------------------------------------------------------------------
+
+def test_cache_returns_frozen_private_copies_and_reuses_them(zoo):
+    first = zoo.get("camnet")
+    assert zoo.get("camnet") is first and zoo.get("camnet.safetensors") is first
+    assert not first.model.training
+    assert not any(parameter.requires_grad for parameter in first.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["../camnet", "/etc/passwd", "sub/camnet", "..", "", "a\\b", "x\0y"])
+def test_names_with_folders_are_refused(zoo, name):
+    with pytest.raises(CheckpointError, match="not a checkpoint name"):
+        zoo.get(name)
+
+
+def test_links_out_of_the_folder_are_refused(tmp_path):
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    save_tiny(outside, "camnet")
+    (inside / "sneaky.safetensors").symlink_to(outside / "camnet.safetensors")
+    save_tiny(inside, "lightnn")
+    (inside / "alias.safetensors").symlink_to(inside / "lightnn.safetensors")
+    cache = ModelCache(inside)
+    with pytest.raises(CheckpointError, match="outside"):
+        cache.get("sneaky")
+    assert cache.get("alias").meta["arch"] == "lightnn"
+
+
+def test_a_deleted_checkpoint_is_a_clear_error(tmp_path):
+    path = save_tiny(tmp_path, "camnet")
+    save_tiny(tmp_path, "lightnn")
+    cache = ModelCache(tmp_path)
+    cache.get("camnet")
+    path.unlink()
+    with pytest.raises(MissingCheckpointError, match="'camnet' is not in .*deleted or renamed.*Available: lightnn"):
+        cache.get("camnet")
+    with pytest.raises(MissingCheckpointError):
+        cache.get("never_there")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ModelCache(tmp_path / "nowhere").get("camnet")
+
+
+def test_a_changed_file_is_reloaded(tmp_path):
+    save_tiny(tmp_path, "camnet", seed=0)
+    cache = ModelCache(tmp_path)
+    before = cache.get("camnet")
+    save_tiny(tmp_path, "camnet", seed=1)  # an atomic replace, as a finished training run does
+    after = cache.get("camnet")
+    assert after is not before
+    assert not torch.equal(after.model.head.fc.weight, before.model.head.fc.weight)
+
+
+def test_a_broken_file_names_the_problem(tmp_path):
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match="broken.safetensors"):
+        ModelCache(tmp_path).get("broken")
+
+
+def test_least_recently_used_models_are_dropped(tmp_path):
+    save_tiny(tmp_path, "camnet")
+    save_tiny(tmp_path, "lightnn")
+    cache = ModelCache(tmp_path, max_models=1)
+    first = cache.get("camnet")
+    cache.get("lightnn")
+    assert cache.get("camnet") is not first
+
+
+def test_concurrent_gets_load_once(tmp_path, monkeypatch):
+    save_tiny(tmp_path, "camnet")
+    loads = []
+    real_load = explain_module.load_checkpoint
+
+    def slow_load(path):
+        loads.append(path)
+        time.sleep(0.05)
+        return real_load(path)
+
+    monkeypatch.setattr(explain_module, "load_checkpoint", slow_load)
+    cache = ModelCache(tmp_path)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("camnet"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1 and len(results) == 4 and all(result is results[0] for result in results)
+
+
+# --- benchmark -----------------------------------------------------------------------------------
+
+def test_bench_command_reports_median_and_p90(tmp_path, capsys):
+    save_tiny(tmp_path, "camnet")
+    save_tiny(tmp_path, "lightnn")
+    common = ["explain", "--checkpoints", str(tmp_path), "--teacher", "camnet",
+              "--threads", str(torch.get_num_threads())]  # main() sets it; keep the session's
+    assert bench.main(common + ["--student", "lightnn", "--repeats", "2"]) == 0
+    output = capsys.readouterr().out
+    assert "synthetic" in output and "median" in output and "p90" in output
+    assert bench.main(common + ["--student", "nope"]) == 2
+    assert "error: checkpoint 'nope'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["camnet.safetensors", "lightnn.safetensors"]
+

@@ -1,0 +1,128 @@
+"""The model zoo: exact sizes, and the forward_features / forward_head / CAM-layer contract for
+every registered model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd_core import models
+from kd_core.models.base import GapLinearClassifier
+from kd_core.registry import Registry
+
+# parameters for 3x32x32 input and 10 classes
+PARAMETERS = {
+    "camnet": 96_170,
+    "deepnn": 1_186_986,
+    "lightnn": 267_738,
+    "tiny_titans_cnn": 2_193_226,
+    "resnet8": 75_290,
+    "resnet14": 172_506,
+    "resnet20": 269_722,
+    "resnet32": 464_154,
+    "resnet56": 853_018,
+    "resnet18": 11_173_962,
+    "resnet50": 23_520_842,
+    "mobilenet_v2": 2_236_682,
+    "airnet": 1_972_792,
+    "mlp": 3_676_682,
+}
+# He et al. 2016, Table 6 (CIFAR-10), in millions
+PAPER_MILLIONS = {"resnet20": 0.27, "resnet32": 0.46, "resnet56": 0.85}
+
+
+@pytest.fixture(scope="module", params=models.list_models())
+def model(request) -> models.Classifier:
+    torch.manual_seed(0)
+    return models.create(request.param).eval()
+
+
+def test_every_model_has_a_known_size():
+    assert sorted(PARAMETERS) == models.list_models()
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_parameter_count(name):
+    assert models.count_parameters(models.create(name)) == PARAMETERS[name]
+
+
+def test_small_model_counts_by_hand():
+    conv = lambda cin, cout: cin * cout * 9 + cout  # noqa: E731  3x3 conv with bias
+    linear = lambda cin, cout: cin * cout + cout  # noqa: E731
+    assert PARAMETERS["camnet"] == conv(3, 128) + conv(128, 64) + conv(64, 32) + linear(32, 10)
+    assert PARAMETERS["lightnn"] == conv(3, 16) + conv(16, 16) + linear(16 * 8 * 8, 256) + linear(256, 10)
+    assert PARAMETERS["deepnn"] == (conv(3, 128) + conv(128, 64) + conv(64, 64) + conv(64, 32)
+                                    + linear(32 * 8 * 8, 512) + linear(512, 10))
+    assert PARAMETERS["tiny_titans_cnn"] == (conv(3, 32) + conv(32, 64) + conv(64, 128)
+                                             + linear(128 * 8 * 8, 256) + linear(256, 10))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MILLIONS))
+def test_cifar_resnets_match_the_paper(name):
+    assert round(PARAMETERS[name] / 1e6, 2) == PAPER_MILLIONS[name]
+
+
+def test_forward_is_head_of_features(model):
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model(images)
+    assert features.ndim == 4 and features.shape[0] == 2
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+    assert torch.allclose(logits, model.forward_head(features), atol=1e-5)
+
+
+def test_cam_module_produces_the_feature_map(model):
+    images = torch.randn(1, 3, 32, 32)
+    if model.cam_layer is None:
+        assert type(model).__name__ == "MLP"
+        with pytest.raises(ValueError, match="no spatial feature map"):
+            model.cam_module()
+        return
+    captured = []
+    handle = model.cam_module().register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        with torch.no_grad():
+            features = model.forward_features(images)
+    finally:
+        handle.remove()
+    assert len(captured) == 1 and torch.equal(captured[0], features)
+
+
+def test_linear_cam_weight_matches_head(model):
+    weight = model.linear_cam_weight()
+    if not isinstance(model, GapLinearClassifier):
+        assert weight is None
+        return
+    with torch.no_grad():
+        channels = model.forward_features(torch.zeros(1, 3, 32, 32)).shape[1]
+    assert weight.shape == (10, channels)
+    assert weight is model.head.fc.weight
+
+
+@pytest.mark.parametrize("name", ["camnet", "lightnn", "deepnn", "resnet8", "airnet", "mlp", "mobilenet_v2"])
+def test_other_classes_and_channels(name):
+    model = models.create(name, num_classes=7, in_channels=1).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 7)
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(KeyError, match="unknown model 'resnet21'; choose one of: .*resnet20"):
+        models.create("resnet21")
+
+
+def test_registry_refuses_duplicates():
+    registry: Registry[int] = Registry("widget")
+    registry.register("a")(lambda: 1)
+    with pytest.raises(ValueError, match="widget 'a' is already registered"):
+        registry.register("a")(lambda: 2)
+    assert registry.create("a") == 1 and registry.names() == ["a"] and "a" in registry
+
+
+def test_resnet_depth_must_be_6n_plus_2():
+    from kd_core.models.resnet_cifar import CifarResNet
+
+    with pytest.raises(ValueError, match="6n\\+2"):
+        CifarResNet(21)

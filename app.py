@@ -1,0 +1,312 @@
+"""KD Workbench dashboard: explain, compare and distill in the browser.
+
+The interface only; the work is in kd_core. ``demo`` is built at import and nothing starts until
+``python app.py`` (or ``demo.launch()``). Settings from the environment:
+
+- ``KD_CHECKPOINTS`` (default ``checkpoints``), ``KD_RUNS`` (default ``runs``): the only folders
+  a request may read models from or write jobs to;
+- ``KD_DATA_SOURCES``: comma-separated data sources the Distill tab offers (default: the CIFAR-10
+  copy in ``../shared/data`` when present, and ``cifar10``);
+- ``KD_MAX_JOBS``: distillation jobs running at once (default 1; further launches queue);
+- ``KD_APP_THREADS``: torch threads for explaining (default 1: lowest latency beside a job);
+- ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to serve (default 127.0.0.1:7860).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from kd_core import compare, dashboard, models
+from kd_core.checkpoint import CheckpointError, list_checkpoints
+from kd_core.explain import ModelCache, cam_methods, explain
+from kd_core.images import ImageError
+from kd_core.jobs import JobManager
+
+ROOT = Path(__file__).resolve().parent
+CHECKPOINTS = Path(os.environ.get("KD_CHECKPOINTS", ROOT / "checkpoints")).resolve()
+RUNS = Path(os.environ.get("KD_RUNS", ROOT / "runs")).resolve()
+ASSETS = ROOT / "assets"
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+MAX_STUDENTS = 3
+PREDICTED = "each model's own prediction"
+TEACHERS_PREDICTION = "the teacher's prediction"
+
+
+def _data_sources() -> list[str]:
+    if os.environ.get("KD_DATA_SOURCES"):
+        return [source.strip() for source in os.environ["KD_DATA_SOURCES"].split(",") if source.strip()]
+    return ([f"folder:{SHARED_CIFAR}"] if SHARED_CIFAR.exists() else []) + ["cifar10"]
+
+
+DATA_SOURCES = _data_sources()
+model_cache = ModelCache(CHECKPOINTS)
+
+
+@functools.cache
+def job_manager() -> JobManager:
+    """Made on first use, so importing this module creates no folder and starts no process."""
+    return JobManager(RUNS, CHECKPOINTS, max_concurrent=int(os.environ.get("KD_MAX_JOBS", "1")),
+                      data_sources=DATA_SOURCES)
+
+
+def checkpoint_names(role: str | None = None) -> list[str]:
+    rows = [row for row in list_checkpoints(CHECKPOINTS) if "error" not in row] if CHECKPOINTS.is_dir() else []
+    return [row["name"] for row in rows if role is None or row["meta"].get("role") == role]
+
+
+def _default_teacher() -> str | None:
+    teachers = checkpoint_names("teacher") or checkpoint_names()
+    return "airnet" if "airnet" in teachers else (teachers[0] if teachers else None)
+
+
+def _default_students() -> list[str]:
+    students = checkpoint_names("student")
+    preferred = [name for name in ("camnet-kd-cam", "camnet-ce") if name in students]
+    return (preferred or students)[:2]
+
+
+# -- Explain -------------------------------------------------------------------------------------
+
+
+def run_explain(image, teacher, students, method, target, top_k, opacity):
+    if not teacher:
+        raise gr.Error("Choose a teacher checkpoint.")
+    students = [name for name in (students or []) if name != teacher][:MAX_STUDENTS]
+    if target == TEACHERS_PREDICTION:
+        target = "teacher"
+    elif target in (PREDICTED, None, ""):
+        target = "predicted"
+    try:
+        checkpoints = [model_cache.get(name) for name in [teacher, *students]]
+        result = explain(image, checkpoints, method=method, target=target, top_k=int(top_k), opacity=float(opacity))
+    except (ImageError, CheckpointError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+    panels = []
+    for slot in range(1 + MAX_STUDENTS):
+        if slot < len(result.models):
+            model = result.models[slot]
+            role = "teacher" if slot == 0 else f"student {slot}"
+            panels += [gr.update(visible=True), dashboard.model_caption(model, role), dashboard.topk_chart(model),
+                       model.overlay if model.overlay is not None else result.image]
+        else:
+            panels += [gr.update(visible=False), "", None, None]
+    return [*panels, dashboard.agreement_rows(result), dashboard.explanation_summary(result)]
+
+
+def target_choices(teacher: str | None):
+    classes = []
+    if teacher:
+        try:
+            classes = model_cache.get(teacher).classes
+        except CheckpointError:
+            classes = []
+    return gr.update(choices=[PREDICTED, TEACHERS_PREDICTION, *classes], value=PREDICTED)
+
+
+# -- Models --------------------------------------------------------------------------------------
+
+
+def models_overview():
+    rows = compare.checkpoint_rows(CHECKPOINTS) if CHECKPOINTS.is_dir() else []
+    names = [row["name"] for row in rows]
+    return (compare.table(rows), compare.accuracy_chart(rows, "params"), compare.accuracy_chart(rows, "latency"),
+            gr.update(choices=names, value=names[0] if names else None))
+
+
+def model_details(name):
+    if not name:
+        return None, None, [], "Choose a model."
+    try:
+        checkpoint = model_cache.get(name)
+    except CheckpointError as error:
+        raise gr.Error(str(error)) from None
+    gallery, note = [], "No teacher recorded for this model."
+    recorded = checkpoint.meta.get("teacher")
+    if recorded:
+        try:
+            teacher = model_cache.get(recorded["name"])
+            images, labels, classes = compare.load_sample(ASSETS / "cifar10-test-sample.safetensors")
+            gallery = compare.student_mistakes(checkpoint, teacher, images, labels, classes)
+            note = (f"{len(gallery)} of 1,000 sample test images that {recorded['name']} classifies correctly and "
+                    f"{name} does not (first 24 shown).")
+        except CheckpointError:
+            note = f"Teacher {recorded['name']} is not in the checkpoints folder."
+    return compare.per_class_chart(checkpoint.meta), compare.confusion_chart(checkpoint.meta), gallery, note
+
+
+# -- Distill -------------------------------------------------------------------------------------
+
+
+def launch_job(teacher, student, data, ce, kd, feature, cam, temperature, epochs, lr, batch_size, seed, limit,
+               name):
+    spec = {"teacher": teacher, "student": student, "data": data,
+            "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+            "limit": int(limit) if limit else None, "name": name or None}
+    try:
+        job = job_manager().submit(spec)
+    except (ValueError, TypeError) as error:
+        raise gr.Error(str(error)) from None
+    return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"])
+
+
+def _selected_job(job_id):
+    if job_id in (None, ""):
+        return None
+    try:
+        return job_manager().get_job(int(job_id))
+    except ValueError:
+        return None
+
+
+def refresh_jobs(job_id, known_checkpoints):
+    manager = job_manager()
+    manager.tick()
+    jobs = manager.list_jobs()
+    if job_id in (None, "") and jobs:
+        job_id = jobs[0]["id"]
+    job = _selected_job(job_id)
+    loss, accuracy = dashboard.job_curves(job)
+    names = checkpoint_names()
+    changed = names != known_checkpoints
+    choice_update = gr.update(choices=names) if changed else gr.update()
+    return (dashboard.job_rows(jobs), gr.update(choices=[job["id"] for job in jobs], value=job_id),
+            dashboard.progress_html(job), loss, accuracy, names, choice_update, choice_update, choice_update)
+
+
+def cancel_job(job_id):
+    if job_id in (None, ""):
+        raise gr.Error("Choose a job to cancel.")
+    try:
+        job = job_manager().cancel(int(job_id))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return f"Job {job['id']} is {job['state']}."
+
+
+def resume_job(job_id):
+    if job_id in (None, ""):
+        raise gr.Error("Choose a job to resume.")
+    try:
+        job = job_manager().resume(int(job_id))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return f"Job {job['id']} is {job['state']}."
+
+
+# -- Layout --------------------------------------------------------------------------------------
+
+with gr.Blocks(title="KD Workbench") as demo:
+    gr.Markdown("# KD Workbench\nDistil a teacher into a small student and see where each one looks.")
+    with gr.Tab("Explain"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                 label="Image", height=280)
+                gr.Examples(sorted(str(path) for path in (ASSETS / "examples").glob("*.jpg")), inputs=image,
+                            examples_per_page=20, label="CIFAR-10 test images")
+            with gr.Column(scale=1):
+                teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
+                students = gr.Dropdown(checkpoint_names(), value=_default_students(), multiselect=True,
+                                       max_choices=MAX_STUDENTS, label="Students (up to 3)")
+                method = gr.Radio(cam_methods(), value="gradcam", label="CAM method",
+                                  info="scorecam runs the model once per channel: slower")
+                target = gr.Dropdown([PREDICTED, TEACHERS_PREDICTION], value=PREDICTED, label="Explain the class")
+                with gr.Row():
+                    top_k = gr.Slider(1, 10, value=5, step=1, label="top-k")
+                    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity")
+                explain_button = gr.Button("Explain", variant="primary")
+        panel_outputs = []
+        with gr.Row():
+            for slot in range(1 + MAX_STUDENTS):
+                with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
+                    caption = gr.Markdown()
+                    chart = gr.Plot(label="top-k")
+                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, elem_classes=["cam-panel"])
+                panel_outputs += [column, caption, chart, overlay]
+        agreement = gr.Dataframe(headers=dashboard.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",
+                                 interactive=False)
+        with gr.Accordion("Raw numbers", open=False):
+            numbers = gr.JSON()
+        explain_inputs = [image, teacher, students, method, target, top_k, opacity]
+        explain_button.click(run_explain, explain_inputs, [*panel_outputs, agreement, numbers], api_name="explain")
+        teacher.change(target_choices, teacher, target, api_name=False)
+
+    with gr.Tab("Models") as models_tab:
+        models_table = gr.Dataframe(headers=compare.TABLE_COLUMNS, interactive=False, label="Checkpoints")
+        with gr.Row():
+            by_params = gr.Plot(label="accuracy vs parameters")
+            by_latency = gr.Plot(label="accuracy vs CPU latency")
+        chosen_model = gr.Dropdown(label="Model", choices=[])
+        with gr.Row():
+            per_class = gr.Plot(label="per-class accuracy")
+            confusion = gr.Plot(label="confusion matrix")
+        mistakes_note = gr.Markdown()
+        mistakes = gr.Gallery(label="the student is wrong, its teacher right", columns=8, height=320)
+        overview_outputs = [models_table, by_params, by_latency, chosen_model]
+        models_tab.select(models_overview, None, overview_outputs, api_name="models")
+        chosen_model.change(model_details, chosen_model, [per_class, confusion, mistakes, mistakes_note],
+                            api_name="model_details")
+
+    with gr.Tab("Distill"):
+        with gr.Row():
+            with gr.Column():
+                job_teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
+                job_student = gr.Dropdown(models.list_models(), value="camnet", label="Student architecture")
+                job_data = gr.Dropdown(DATA_SOURCES, value=DATA_SOURCES[0], label="Data set")
+                job_name = gr.Textbox(label="Checkpoint name (optional)", placeholder="e.g. camnet-kd-cam-mine")
+            with gr.Column():
+                with gr.Row():
+                    ce = gr.Number(0.25, label="CE weight", minimum=0)
+                    kd = gr.Number(0.75, label="KD weight", minimum=0)
+                    feature = gr.Number(0, label="feature weight", minimum=0)
+                    cam = gr.Number(0, label="CAM weight", minimum=0)
+                with gr.Row():
+                    temperature = gr.Number(4, label="temperature T")
+                    epochs = gr.Number(10, label="epochs", precision=0)
+                    lr = gr.Number(0.05, label="learning rate")
+                with gr.Row():
+                    batch_size = gr.Number(256, label="batch size", precision=0)
+                    seed = gr.Number(0, label="seed", precision=0)
+                    limit = gr.Number(0, label="subset size (0: all)", precision=0)
+                launch = gr.Button("Launch", variant="primary")
+                launch_message = gr.Markdown()
+        jobs_table = gr.Dataframe(headers=dashboard.JOB_COLUMNS, interactive=False, label="Jobs")
+        with gr.Row():
+            job_choice = gr.Dropdown(label="Job", choices=[], allow_custom_value=True)
+            cancel = gr.Button("Cancel job", variant="stop")
+            resume = gr.Button("Resume job")
+        progress = gr.HTML()
+        with gr.Row():
+            loss_plot = gr.Plot(label="loss")
+            accuracy_plot = gr.Plot(label="accuracy")
+        known_checkpoints = gr.State(checkpoint_names())
+        timer = gr.Timer(2.0)
+
+    launch.click(launch_job, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature, epochs, lr,
+                              batch_size, seed, limit, job_name], [launch_message, job_choice], api_name="launch_job")
+    refresh_outputs = [jobs_table, job_choice, progress, loss_plot, accuracy_plot, known_checkpoints,
+                       teacher, students, job_teacher]
+    timer.tick(refresh_jobs, [job_choice, known_checkpoints], refresh_outputs, api_name="jobs",
+               show_progress="hidden")
+    cancel.click(cancel_job, job_choice, launch_message, api_name="cancel_job")
+    resume.click(resume_job, job_choice, launch_message, api_name="resume_job")
+    demo.load(models_overview, None, overview_outputs, api_name=False)
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("KD_APP_THREADS", "1")))
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    job_manager().recover()
+    demo.queue(default_concurrency_limit=4).launch(
+        max_file_size="20mb", blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
+        theme=gr.themes.Soft(primary_hue="indigo"))
+
+
+if __name__ == "__main__":
+    main()

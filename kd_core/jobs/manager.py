@@ -1,0 +1,224 @@
+"""Background distillation jobs for the dashboard: submit, watch, cancel, resume.
+
+Everything lives in the job store (SQLite in the runs folder), so jobs outlast page reloads and
+every browser sees the same list. Each running job is one worker process
+(``python -m kd_core.jobs.worker``) in a session of its own, so a cancel can stop its whole
+process group. The app calls :meth:`JobManager.recover` once at start, then :meth:`JobManager.tick`
+from a timer: it reaps finished workers, marks jobs whose worker vanished as interrupted, and
+starts queued jobs while fewer than ``max_concurrent`` run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .spec import JobSpec, default_name, validate_spec
+from .store import JobStore
+
+TERM_GRACE_SECONDS = 1.5      # after SIGTERM, before SIGKILL
+RESUMABLE = ("interrupted", "cancelled", "failed")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding kd_core/, for the workers' imports
+
+
+def worker_alive(pid: int, job_id: int, runs_dir: Path) -> bool:
+    """Whether ``pid`` is a live worker of job ``job_id`` of this runs folder. A zombie or a process
+    that reused the pid is not (read from ``/proc`` where there is one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: not our worker
+    if not Path("/proc/self").exists():
+        return True   # no /proc (macOS): trust kill(); the heartbeat is the fallback
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # ended meanwhile
+    return (b"\0kd_core.jobs.worker\0" in command and f"\0{runs_dir}\0".encode() in command
+            and f"\0--job\0{job_id}\0".encode() in command)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
+
+
+class JobManager:
+    def __init__(self, runs_dir: str | Path = "runs", checkpoints_dir: str | Path = "checkpoints",
+                 max_concurrent: int = 1, *, env: Mapping[str, str] | None = None,
+                 data_sources: Sequence[str] | None = None, heartbeat_timeout: float = 60.0):
+        """``env``: extra environment for the workers (``KD_CACHE_DIR``, ``OMP_NUM_THREADS``...).
+        ``data_sources``: when given, the only data sources a job may use (a public server should
+        offer a fixed list rather than any folder on its disk). ``heartbeat_timeout``: a running
+        job whose worker has not written for this long counts as gone even if its pid lives."""
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        self.store = JobStore(runs_dir)
+        self.checkpoints_dir = Path(checkpoints_dir).resolve()
+        self.max_concurrent = max_concurrent
+        self.env = dict(env or {})
+        self.data_sources = list(data_sources) if data_sources is not None else None
+        self.heartbeat_timeout = heartbeat_timeout
+        self._children: dict[int, subprocess.Popen] = {}
+        self._lock = threading.RLock()   # the app's timer and request handlers run in threads
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job, newest first, each with its per-epoch ``metrics``."""
+        metrics: dict[int, list[dict[str, Any]]] = {}
+        for row in self.store.metrics():
+            metrics.setdefault(row["job_id"], []).append(row)
+        return [{**job, "metrics": metrics.get(job["id"], [])} for job in self.store.list_jobs()]
+
+    def get_job(self, job_id: int) -> dict[str, Any]:
+        """One job with its ``metrics`` (per epoch) and ``points`` (the loss curve)."""
+        job = self._require(job_id)
+        return {**job, "metrics": self.store.metrics(job_id), "points": self.store.points(job_id)}
+
+    def _require(self, job_id: int) -> dict[str, Any]:
+        job = self.store.get(job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id}")
+        return job
+
+    # -- changing ---------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``spec`` completely, queue it, start it if a slot is free; the new job.
+
+        Raises ``ValueError`` whose message starts with the offending field. The checkpoint name
+        is the spec's ``name`` (default ``<student>-<terms>``), suffixed ``-2``, ``-3``... when a
+        checkpoint or another job already has it.
+        """
+        spec = validate_spec(spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec), self.checkpoints_dir,
+                             self.data_sources)
+        taken = {path.stem for path in self.checkpoints_dir.glob("*.safetensors")}
+        job_id = self.store.create(spec.to_dict(), spec.name or default_name(spec), taken)
+        self.tick()
+        return self.get_job(job_id)
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        """Cancel a queued, running or interrupted job; a running worker's process group gets
+        SIGTERM, then SIGKILL after 1.5 s. Returns the job (finished jobs are returned unchanged)."""
+        with self._lock:
+            self._require(job_id)
+            if self._mark_cancelled(job_id, ("queued", "interrupted")):
+                return self.get_job(job_id)
+            if self.store.update(job_id, only_if=("running",), cancel_requested=1, message="cancelling"):
+                job = self.store.get(job_id)
+                if job["pid"] is not None and worker_alive(job["pid"], job_id, self.store.runs_dir):
+                    self._stop_group(job["pgid"], job["pid"])
+                self._mark_cancelled(job_id, ("running",))  # unless the worker recorded its own end
+            return self.get_job(job_id)
+
+    def _mark_cancelled(self, job_id: int, states: tuple[str, ...]) -> bool:
+        return self.store.update(job_id, only_if=states, state="cancelled", finished=time.time(), message="cancelled")
+
+    def resume(self, job_id: int) -> dict[str, Any]:
+        """Queue an interrupted, cancelled or failed job again; it continues from its last finished
+        epoch (same run folder, same settings). Returns the job."""
+        with self._lock:
+            job = self._require(job_id)
+            if not self.store.update(job_id, only_if=RESUMABLE, state="queued", cancel_requested=0, error=None,
+                                     finished=None, message="queued to resume"):
+                raise ValueError(f"job {job_id} is {job['state']}; only {', '.join(RESUMABLE)} jobs can be resumed")
+            self.tick()
+            return self.get_job(job_id)
+
+    def tick(self) -> list[int]:
+        """One scheduler step: reap finished workers, mark jobs whose worker vanished as interrupted,
+        start queued jobs while fewer than ``max_concurrent`` run. Returns the ids started."""
+        with self._lock:
+            self._reap()
+            self._sweep("the worker process ended without reporting")
+            started = []
+            while (job := self.store.claim_next(self.max_concurrent)) is not None:
+                self._launch(job)
+                started.append(job["id"])
+            return started
+
+    def recover(self) -> list[int]:
+        """At server start: jobs marked running whose worker is gone become interrupted (resumable).
+        Workers that outlived the previous server keep running. Returns the ids interrupted."""
+        with self._lock:
+            self._reap()
+            return self._sweep("the worker was gone when the server started")
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def _launch(self, job: dict[str, Any]) -> None:
+        run_dir = self.store.run_dir(job["id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "kd_core.jobs.worker", "--runs", str(self.store.runs_dir),
+                   "--checkpoints", str(self.checkpoints_dir), "--job", str(job["id"])]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), environment.get("PYTHONPATH")]))
+        try:
+            with open(run_dir / "worker.log", "ab") as log:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=environment, start_new_session=True)
+        except OSError as error:
+            self.store.update(job["id"], only_if=("running",), state="failed", finished=time.time(),
+                              error=f"could not start the worker: {error}", message="failed")
+            return
+        self._children[process.pid] = process
+        self.store.update(job["id"], only_if=("running",), pid=process.pid, pgid=process.pid)
+
+    def _reap(self, pid: int | None = None) -> None:
+        """Collect exit statuses so finished workers do not linger as zombies; ``pid``: also a child
+        this manager did not start (another manager in the same process did)."""
+        for child_pid, process in list(self._children.items()):
+            if process.poll() is not None:
+                del self._children[child_pid]
+        if pid is not None and pid not in self._children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def _stop_group(self, pgid: int, pid: int | None) -> None:
+        """SIGTERM the worker's process group; SIGKILL it if it outlives the grace period."""
+        for sig, wait in ((signal.SIGTERM, TERM_GRACE_SECONDS), (signal.SIGKILL, 0.4)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self._reap(pid)
+                if not _group_exists(pgid):
+                    return
+                time.sleep(0.02)
+
+    def _alive(self, job: dict[str, Any], now: float) -> bool:
+        fresh = job["heartbeat"] is not None and now - job["heartbeat"] < self.heartbeat_timeout
+        if job["pid"] is None:
+            return fresh  # claimed; its worker is being started
+        return fresh and worker_alive(job["pid"], job["id"], self.store.runs_dir)
+
+    def _sweep(self, reason: str) -> list[int]:
+        """Mark running jobs whose worker is gone (or silent past the heartbeat timeout) as interrupted."""
+        now = time.time()
+        gone = []
+        for job in self.store.list_jobs(("running",)):
+            if self._alive(job, now):
+                continue
+            if job["pid"] is not None and worker_alive(job["pid"], job["id"], self.store.runs_dir):
+                self._stop_group(job["pgid"], job["pid"])   # alive but silent: hung; one writer at a time
+            elif job["pid"] is not None:
+                self._reap(job["pid"])
+            if self.store.update(job["id"], only_if=("running",), state="interrupted", finished=now, message=reason):
+                gone.append(job["id"])
+        return gone

@@ -8,14 +8,20 @@ The interface only; the work is in kd_core. ``demo`` is built at import and noth
 - ``KD_DATA_SOURCES``: comma-separated data sources the Distill tab offers (default: the CIFAR-10
   copy in ``../shared/data`` when present, and ``cifar10``);
 - ``KD_MAX_JOBS``: distillation jobs running at once (default 1; further launches queue);
-- ``KD_APP_THREADS``: torch threads for explaining (default 1: lowest latency beside a job);
+- ``KD_APP_THREADS``: torch and BLAS threads for explaining (default 1: lowest latency beside a job);
 - ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to serve (default 127.0.0.1:7860).
 """
 from __future__ import annotations
 
 import functools
 import os
+import sqlite3
+import threading
+import time
 from pathlib import Path
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when imported (below, by grad-cam)
 
 import gradio as gr
 
@@ -31,6 +37,13 @@ RUNS = Path(os.environ.get("KD_RUNS", ROOT / "runs")).resolve()
 ASSETS = ROOT / "assets"
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 MAX_STUDENTS = 3
+SCHEDULER_SECONDS = 2.0
+# CIFAR images are 32 x 32: draw the upload and the maps enlarged, pixel for pixel, not at their own size
+ENLARGE_IMAGES_CSS = """
+.upload-panel .image-frame img, .cam-panel .image-container img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
 PREDICTED = "each model's own prediction"
 TEACHERS_PREDICTION = "the teacher's prediction"
 
@@ -65,16 +78,32 @@ def _default_teacher() -> str | None:
 def _default_students() -> list[str]:
     students = checkpoint_names("student")
     preferred = [name for name in ("camnet-kd-cam", "camnet-ce") if name in students]
-    return (preferred or students)[:2]
+    return (preferred + [name for name in students if name not in preferred])[:2]
 
 
 # -- Explain -------------------------------------------------------------------------------------
 
 
+def unopened_upload(image: gr.Image) -> gr.Image:
+    """Make ``image`` hand the handler the uploaded file's path without opening it. ``gr.Image``
+    opens every upload with Pillow first, so a file that is not an image, or a decompression bomb,
+    fails there with no message; :func:`kd_core.images.load_image` says what is wrong instead.
+    (Set on the instance: Gradio writes an ``app.pyi`` stub for any component subclass defined here.)"""
+    opened = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+            return opened(payload)
+        return payload.path
+
+    image.preprocess = preprocess
+    return image
+
+
 def run_explain(image, teacher, students, method, target, top_k, opacity):
     if not teacher:
         raise gr.Error("Choose a teacher checkpoint.")
-    students = [name for name in (students or []) if name != teacher][:MAX_STUDENTS]
+    students = list(dict.fromkeys(name for name in students or [] if name != teacher))[:MAX_STUDENTS]
     if target == TEACHERS_PREDICTION:
         target = "teacher"
     elif target in (PREDICTED, None, ""):
@@ -123,18 +152,24 @@ def model_details(name):
         checkpoint = model_cache.get(name)
     except CheckpointError as error:
         raise gr.Error(str(error)) from None
-    gallery, note = [], "No teacher recorded for this model."
-    recorded = checkpoint.meta.get("teacher")
-    if recorded:
-        try:
-            teacher = model_cache.get(recorded["name"])
-            images, labels, classes = compare.load_sample(ASSETS / "cifar10-test-sample.safetensors")
-            gallery = compare.student_mistakes(checkpoint, teacher, images, labels, classes)
-            note = (f"{len(gallery)} of 1,000 sample test images that {recorded['name']} classifies correctly and "
-                    f"{name} does not (first 24 shown).")
-        except CheckpointError:
-            note = f"Teacher {recorded['name']} is not in the checkpoints folder."
+    gallery, note = _student_mistakes(checkpoint)
     return compare.per_class_chart(checkpoint.meta), compare.confusion_chart(checkpoint.meta), gallery, note
+
+
+def _student_mistakes(student):
+    recorded = student.meta.get("teacher")
+    if not recorded:
+        return [], "No teacher recorded for this model."
+    images, labels, classes = compare.load_sample(ASSETS / "cifar10-test-sample.safetensors")
+    if student.classes != classes:
+        return [], "The sample test images are CIFAR-10; this model was trained on other classes."
+    try:
+        teacher = model_cache.get(recorded["name"])
+    except CheckpointError:
+        return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
+    gallery, count = compare.student_mistakes(student, teacher, images, labels, classes)
+    return gallery, (f"{count} of {len(labels):,} sample test images that {recorded['name']} classifies correctly "
+                     f"and {student.name} does not (first {len(gallery)} shown).")
 
 
 # -- Distill -------------------------------------------------------------------------------------
@@ -153,12 +188,19 @@ def launch_job(teacher, student, data, ce, kd, feature, cam, temperature, epochs
     return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"])
 
 
-def _selected_job(job_id):
-    if job_id in (None, ""):
-        return None
+def _job_id(value, action: str) -> int:
+    if value in (None, ""):
+        raise gr.Error(f"Choose a job to {action}.")
     try:
-        return job_manager().get_job(int(job_id))
-    except ValueError:
+        return int(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{value!r} is not a job id; choose a job to {action}.") from None
+
+
+def _selected_job(job_id):
+    try:
+        return job_manager().get_job(_job_id(job_id, "show"))
+    except ValueError:  # gr.Error is one too
         return None
 
 
@@ -173,25 +215,24 @@ def refresh_jobs(job_id, known_checkpoints):
     names = checkpoint_names()
     changed = names != known_checkpoints
     choice_update = gr.update(choices=names) if changed else gr.update()
-    return (dashboard.job_rows(jobs), gr.update(choices=[job["id"] for job in jobs], value=job_id),
-            dashboard.progress_html(job), loss, accuracy, names, choice_update, choice_update, choice_update)
+    job_update = gr.update(choices=[row["id"] for row in jobs], value=job["id"] if job else None)
+    return (dashboard.job_rows(jobs), job_update, dashboard.progress_html(job), loss, accuracy, names,
+            choice_update, choice_update, choice_update)
 
 
 def cancel_job(job_id):
-    if job_id in (None, ""):
-        raise gr.Error("Choose a job to cancel.")
+    job_id = _job_id(job_id, "cancel")
     try:
-        job = job_manager().cancel(int(job_id))
+        job = job_manager().cancel(job_id)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return f"Job {job['id']} is {job['state']}."
 
 
 def resume_job(job_id):
-    if job_id in (None, ""):
-        raise gr.Error("Choose a job to resume.")
+    job_id = _job_id(job_id, "resume")
     try:
-        job = job_manager().resume(int(job_id))
+        job = job_manager().resume(job_id)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return f"Job {job['id']} is {job['state']}."
@@ -204,8 +245,9 @@ with gr.Blocks(title="KD Workbench") as demo:
     with gr.Tab("Explain"):
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                 label="Image", height=280)
+                image = unopened_upload(gr.Image(
+                    type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], label="Image",
+                    height=280, elem_classes=["upload-panel"]))
                 gr.Examples(sorted(str(path) for path in (ASSETS / "examples").glob("*.jpg")), inputs=image,
                             examples_per_page=20, label="CIFAR-10 test images")
             with gr.Column(scale=1):
@@ -225,7 +267,8 @@ with gr.Blocks(title="KD Workbench") as demo:
                 with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
                     caption = gr.Markdown()
                     chart = gr.Plot(label="top-k")
-                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, elem_classes=["cam-panel"])
+                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, height=260,
+                                       elem_classes=["cam-panel"])
                 panel_outputs += [column, caption, chart, overlay]
         agreement = gr.Dataframe(headers=dashboard.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",
                                  interactive=False)
@@ -295,17 +338,31 @@ with gr.Blocks(title="KD Workbench") as demo:
     cancel.click(cancel_job, job_choice, launch_message, api_name="cancel_job")
     resume.click(resume_job, job_choice, launch_message, api_name="resume_job")
     demo.load(models_overview, None, overview_outputs, api_name=False)
+    demo.load(target_choices, teacher, target, api_name=False)
+
+
+def schedule_jobs(manager: JobManager) -> None:
+    """Start queued jobs and reap finished workers also while no page is open to poll."""
+    while True:
+        try:
+            manager.tick()
+        except sqlite3.Error:
+            pass  # the store stayed busy past its timeout: try again next round
+        time.sleep(SCHEDULER_SECONDS)
 
 
 def main() -> None:
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(int(os.environ.get("KD_APP_THREADS", "1")))
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    threads = int(os.environ.get("KD_APP_THREADS", "1"))
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
     job_manager().recover()
+    threading.Thread(target=schedule_jobs, args=(job_manager(),), name="job-scheduler", daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
         max_file_size="20mb", blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
-        theme=gr.themes.Soft(primary_hue="indigo"))
+        theme=gr.themes.Soft(primary_hue="indigo"), css=ENLARGE_IMAGES_CSS)
 
 
 if __name__ == "__main__":

@@ -98,19 +98,21 @@ def load_sample(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
 
 
 def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, images: torch.Tensor,
-                     labels: torch.Tensor, classes: list[str], limit: int = 24) -> list[tuple[np.ndarray, str]]:
-    """Images the teacher classifies correctly and the student does not, with captions."""
+                     labels: torch.Tensor, classes: list[str],
+                     limit: int = 24) -> tuple[list[tuple[np.ndarray, str]], int]:
+    """Images the teacher classifies correctly and the student does not: the first ``limit`` with
+    captions, and how many there are in all."""
     if student.classes != classes or teacher.classes != classes:
-        return []
+        return [], 0
     student_predictions = predict(student.model, images, student.mean, student.std).argmax(1)
     teacher_predictions = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1)
-    chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:limit, 0]
+    chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:, 0]
     gallery = []
-    for index in chosen.tolist():
+    for index in chosen[:limit].tolist():
         picture = images[index].permute(1, 2, 0).numpy()  # (H, W, C)
         picture = np.repeat(picture, 4, axis=0).repeat(4, axis=1)  # 32x32 is too small to see
         if picture.shape[2] == 1:
             picture = np.repeat(picture, 3, axis=2)
         caption = (f"true {classes[labels[index]]}; student says {classes[student_predictions[index]]}")
         gallery.append((picture, caption))
-    return gallery
+    return gallery, len(chosen)

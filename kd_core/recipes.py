@@ -49,11 +49,12 @@ def names() -> list[str]:
 
 # airbench94's optimizer in mean-loss units at batch 512: SGD-Nesterov, momentum 0.85, lr 0.75
 # for weights and 64x for biases and norms, per-step decay 0.001 (lr x weight decay), label
-# smoothing 0.2, crop +-2 px and flips, a triangular schedule peaking at 23%. 18 epochs instead
-# of 10 to reach 92%+ without test-time augmentation.
-AIRNET = TrainConfig(epochs=18, batch_size=512, lr=0.75, momentum=0.85, nesterov=True, weight_decay=0.00133,
-                     bias_lr_scale=64, schedule="onecycle", warmup_epochs=0.23 * 18, label_smoothing=0.2,
-                     augment=AugmentConfig(crop_padding=2, flip=True), loss_weights={"ce": 1.0})
+# smoothing 0.2, flips, a triangular schedule peaking at 23%. 30 epochs instead of 10, with crops
+# of +-4 px instead of +-2 against the overfitting longer training brings, to pass 92% on the
+# JPEG copy without test-time augmentation (18 epochs with +-2 px gave 90%).
+AIRNET = TrainConfig(epochs=30, batch_size=512, lr=0.75, momentum=0.85, nesterov=True, weight_decay=0.00133,
+                     bias_lr_scale=64, schedule="onecycle", warmup_epochs=0.23 * 30, label_smoothing=0.2,
+                     augment=AugmentConfig(crop_padding=4, flip=True), loss_weights={"ce": 1.0})
 
 _add(Recipe("airnet", "airnet", "teacher", AIRNET,
             "fast CIFAR teacher after airbench94: 2.0 M parameters"))

@@ -34,7 +34,7 @@ def real_cifar(real_cache_dir) -> DataBundle:
 
 def class_color(index: int, image_index: int) -> tuple[int, int, int]:
     """A distinct, exactly known RGB colour per (class, image)."""
-    return (40 * index + 10, 200 - 7 * image_index, (31 * index + 13 * image_index) % 256)
+    return ((40 * index + 10) % 256, (200 - 7 * image_index) % 256, (31 * index + 13 * image_index) % 256)
 
 
 def write_image_folder(root: Path, classes: list[str], per_class: dict[str, int], size: int = 8,

@@ -1,0 +1,489 @@
+"""The dashboard end to end: ``python app.py`` served by a real Gradio server in a subprocess and
+driven through its API with gradio_client, on tiny checkpoints trained here on a synthetic image
+folder that has the ten CIFAR-10 classes (so the bundled examples and test sample fit them)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import CIFAR_CLASSES
+from kd_core.checkpoint import load_checkpoint
+from kd_core.compare import load_sample
+from kd_core.evaluation import predict
+from kd_core.explain import explain
+from kd_core.jobs import JobStore
+from kd_core.run import RunSpec, run
+from kd_core.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "assets" / "examples" / "cat_0000.jpg"
+PREDICTED = "each model's own prediction"
+STARTUP_TIMEOUT = 120.0
+JOB_TIMEOUT = 90.0
+CANCEL_SECONDS = 2.0
+JOB_SETTINGS = {"teacher": "teacher", "student": "camnet", "data": None, "ce": 0.5, "kd": 0.5, "feature": 0,
+                "cam": 0, "temperature": 4, "epochs": 1, "lr": 0.05, "batch_size": 32, "seed": 0, "limit": 48,
+                "name": ""}
+
+
+# -- a tiny bench: data, checkpoints, a server -----------------------------------------------------
+
+
+def write_dataset(root: Path, per_class: dict[str, int], side: int = 32) -> None:
+    """``root/<split>/<class>/<i>.png``: noisy 32x32 RGB images, one dominant channel level per class."""
+    generator = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for index, name in enumerate(CIFAR_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for number in range(count):
+                pixels = generator.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                pixels[:, :, index % 3] = 25 * index
+                Image.fromarray(pixels).save(folder / f"{number}.png")
+
+
+def build_bench(root: Path) -> SimpleNamespace:
+    """A lightnn teacher and a camnet student distilled from it (1 epoch each), a copy of the
+    student, and the environment a server on them needs."""
+    data, checkpoints, cache = root / "data", root / "checkpoints", root / "cache"
+    write_dataset(data, {"train": 6, "test": 2})
+    source = f"folder:{data}"
+    run(RunSpec(arch="lightnn", data=source, config=TrainConfig(epochs=1, batch_size=32, lr=0.05),
+                output=checkpoints / "teacher.safetensors", role="teacher", cache_dir=cache))
+    run(RunSpec(arch="camnet", data=source, output=checkpoints / "student.safetensors",
+                config=TrainConfig(epochs=1, batch_size=32, lr=0.05, loss_weights={"ce": 0.5, "kd": 0.5}),
+                teacher=checkpoints / "teacher.safetensors", cache_dir=cache))
+    shutil.copy(checkpoints / "student.safetensors", checkpoints / "student-copy.safetensors")
+    missing = root / "gone"  # offered by the server, but not on disk
+    env = {"KD_CHECKPOINTS": str(checkpoints), "KD_RUNS": str(root / "runs"), "KD_CACHE_DIR": str(cache),
+           "KD_DATA_SOURCES": f"{source},folder:{missing}", "GRADIO_TEMP_DIR": str(root / "gradio"),
+           "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return SimpleNamespace(root=root, source=source, missing_source=f"folder:{missing}", checkpoints=checkpoints,
+                           runs=root / "runs", env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_app(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """``python app.py`` in a session of its own; returns once the page answers."""
+    port = free_port()
+    environment = {**os.environ, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.3)
+    stop_app(process)
+    raise RuntimeError(f"app.py did not answer within {STARTUP_TIMEOUT:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_app(process: subprocess.Popen, runs: Path | None = None) -> None:
+    """Kill the server's process group and any job worker still running (each has a group of its own)."""
+    groups = [process.pid]
+    if runs is not None and (runs / "jobs.sqlite3").exists():
+        groups += [job["pgid"] for job in JobStore(runs).list_jobs(("running",)) if job["pgid"]]
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    bench = build_bench(tmp_path_factory.mktemp("dashboard"))
+    process, url = start_app(bench.env, bench.root / "app.log")
+    yield SimpleNamespace(**vars(bench), process=process, url=url, log=bench.root / "app.log")
+    stop_app(process, bench.runs)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.url, verbose=False, download_files=str(server.root / "downloads"))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def call_explain(client: Client, image, teacher="teacher", students=("student",), top_k=5,
+                 method="gradcam") -> tuple[list, dict]:
+    """The explain endpoint's outputs, and its "Raw numbers" JSON."""
+    outputs = client.predict(None if image is None else handle_file(str(image)), teacher, list(students),
+                             method, PREDICTED, top_k, 0.5, api_name="/explain")
+    return outputs, outputs[-1]
+
+
+def display_size(width: int, height: int, max_side: int = 1024) -> tuple[int, int]:
+    """(height, width) of an image shown with its longest side capped at ``max_side``."""
+    scale = min(1.0, max_side / max(width, height))
+    return round(height * scale), round(width * scale)
+
+
+def check_explanation(numbers: dict, names: list[str], top_k: int, image_shape: tuple[int, int]) -> None:
+    assert [model["name"] for model in numbers["models"]] == names
+    for model in numbers["models"]:
+        probabilities = np.array(model["probabilities"])
+        assert probabilities.shape == (len(CIFAR_CLASSES),)
+        assert probabilities.sum() == pytest.approx(1.0, abs=1e-4)
+        assert len(model["top_k"]) == top_k
+        top_probabilities = [probability for _, probability in model["top_k"]]
+        assert top_probabilities == sorted(top_probabilities, reverse=True)
+        for name, probability in model["top_k"]:
+            assert probability == pytest.approx(probabilities[CIFAR_CLASSES.index(name)], abs=1e-12)
+        assert model["top_k"][0][0] == model["predicted"] == CIFAR_CLASSES[int(probabilities.argmax())]
+        assert model["overlay_shape"] == [*image_shape, 3]
+    assert [row["student"] for row in numbers["agreements"]] == names[1:]
+
+
+def wait_for(condition, timeout: float, what: str, pause: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def launch(client: Client, server, **settings) -> int:
+    message, job_choice = client.predict(*{**JOB_SETTINGS, "data": server.source, **settings}.values(),
+                                         api_name="/launch_job")
+    assert message.startswith(f"Job {job_choice['value']} ")
+    return job_choice["value"]
+
+
+def job_row(client: Client, job_id: int) -> tuple[list, tuple]:
+    """The job's row in the Jobs table, and the endpoint's outputs."""
+    outputs = client.predict(job_id, api_name="/jobs")
+    rows = {row[0]: row for row in outputs[0]["data"]}
+    return rows[job_id], outputs
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def test_importing_app_starts_nothing(tmp_path):
+    script = ("import glob, json, os, gradio, app\n"
+              "children = ''.join(open(path).read() for path in glob.glob(f'/proc/{os.getpid()}/task/*/children'))\n"
+              "print(json.dumps({'blocks': isinstance(app.demo, gradio.Blocks), 'children': children.split(),"
+              " 'runs': str(app.RUNS)}))\n")
+    env = {**os.environ, "KD_RUNS": str(tmp_path / "runs"), "KD_CHECKPOINTS": str(tmp_path / "checkpoints"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report == {"blocks": True, "children": [], "runs": str(tmp_path / "runs")}
+    assert list(tmp_path.iterdir()) == []  # no runs folder, no database, no checkpoints folder
+    assert not (ROOT / "app.pyi").exists()  # what Gradio writes for a component subclass defined in app.py
+
+
+def make_photo(path: Path, width: int, height: int) -> Path:
+    """A smooth synthetic photo: colour gradients and a bright disc."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    pixels = np.stack([255 * columns / width, 255 * rows / height, np.full((height, width), 90.0)], axis=-1)
+    pixels[(rows - height / 2) ** 2 + (columns - width / 3) ** 2 < (height / 5) ** 2] = 240
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("picture, top_k", [("cat", 5), ("photo", 3)])
+def test_explain_returns_consistent_numbers_and_full_size_overlays(server, client, tmp_path, picture, top_k):
+    path = CAT if picture == "cat" else make_photo(tmp_path / "photo.jpg", 1600, 1200)
+    width, height = Image.open(path).size
+    expected_shape = display_size(width, height)
+    assert expected_shape == ((32, 32) if picture == "cat" else (768, 1024))
+
+    outputs, numbers = call_explain(client, path, students=["student", "teacher", "student"], top_k=top_k)
+
+    check_explanation(numbers, ["teacher", "student"], top_k, expected_shape)
+    # the server's numbers are kd_core's for the very file uploaded
+    checkpoints = [load_checkpoint(server.checkpoints / f"{name}.safetensors") for name in ("teacher", "student")]
+    local = explain(path, checkpoints, top_k=top_k)
+    for served, computed in zip(numbers["models"], local.models):
+        np.testing.assert_allclose(served["probabilities"], computed.probabilities, atol=1e-6)
+    # per model: caption, chart, overlay file; the unused panels are empty
+    teacher_caption, teacher_chart, teacher_overlay, student_caption, _, student_overlay = outputs[:6]
+    assert teacher_caption.startswith("**teacher: teacher** (lightnn)")
+    assert student_caption.startswith("**student 1: student** (camnet)")
+    teacher_classes = [name for name, _ in numbers["models"][0]["top_k"]]
+    assert json.loads(teacher_chart["plot"])["data"][0]["y"] == teacher_classes[::-1]  # best on top
+    for overlay in (teacher_overlay, student_overlay):
+        assert Path(overlay).is_file()
+        assert Image.open(overlay).size == (expected_shape[1], expected_shape[0])
+    assert list(outputs[6:12]) == ["", None, None, "", None, None]
+    [agreement] = outputs[12]["data"]
+    same_top1 = local.agreements[0].same_top1
+    assert agreement[:3] == ["student", "yes" if same_top1 else "no", f"{local.agreements[0].kl_teacher_student:.4f}"]
+
+
+def test_scorecam_works_and_draws_no_progress_bar_in_the_server_log(server, client):
+    _, numbers = call_explain(client, CAT, top_k=2, method="scorecam")
+    assert numbers["method"] == "scorecam"
+    check_explanation(numbers, ["teacher", "student"], 2, (32, 32))
+    assert "it/s]" not in server.log.read_text()  # TQDM_DISABLE is set before grad-cam imports tqdm
+
+
+def write_unusual(kind: str, path: Path) -> Path:
+    generator = np.random.default_rng(1)
+    noise = generator.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    if kind == "grayscale":
+        Image.fromarray(noise[:, :, 0]).save(path)
+    elif kind == "rgba":
+        Image.fromarray(generator.integers(0, 256, (40, 60, 4), dtype=np.uint8)).save(path)
+    elif kind == "16-bit":
+        Image.fromarray(generator.integers(1000, 3000, (40, 60)).astype(np.uint16)).save(path)
+        assert Image.open(path).mode == "I;16"
+    elif kind == "cmyk":
+        Image.fromarray(noise).convert("CMYK").save(path)
+        assert Image.open(path).mode == "CMYK"
+    elif kind == "animated":
+        frames = [Image.fromarray(np.roll(noise, shift, axis=1)) for shift in (0, 7, 14)]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        assert Image.open(path).n_frames == 3
+    return path
+
+
+UNUSUAL = {"grayscale": "gray.png", "rgba": "rgba.png", "16-bit": "deep.png", "cmyk": "cmyk.jpg",
+           "animated": "animated.gif"}
+
+
+@pytest.mark.parametrize("kind", UNUSUAL)
+def test_unusual_images_are_explained(client, tmp_path, kind):
+    path = write_unusual(kind, tmp_path / UNUSUAL[kind])
+    _, numbers = call_explain(client, path, top_k=4)
+    check_explanation(numbers, ["teacher", "student"], 4, (40, 60))
+
+
+def write_bad(kind: str, folder: Path) -> Path | None:
+    if kind == "text":
+        path = folder / "notes.png"
+        path.write_text("these are notes, not a picture\n" * 20)
+    elif kind == "truncated":
+        photo = make_photo(folder / "photo.jpg", 400, 300).read_bytes()
+        path = folder / "cut.jpg"
+        path.write_bytes(photo[: len(photo) // 2])
+    elif kind == "bomb":
+        path = folder / "bomb.png"
+        path.write_bytes(bomb_png(30000, 30000))
+    else:
+        path = None
+    return path
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit black PNG of ``width`` x ``height``: ~110 KB on disk, 900 M pixels decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width // 8)  # filter byte + packed bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", r"^notes\.png is not an image in a supported format \(PNG, JPEG"),
+    ("truncated", r"^cut\.jpg is truncated or corrupt"),
+    ("bomb", r"^bomb\.png declares too many pixels to decode safely"),
+    ("none", r"^no image was given: upload a picture first$"),
+], ids=["text-file", "truncated-jpeg", "decompression-bomb", "no-image"])
+def test_bad_upload_gets_a_clear_message_and_the_server_keeps_serving(server, client, tmp_path, kind, message):
+    path = write_bad(kind, tmp_path)
+    if kind == "bomb":
+        assert path.stat().st_size < 150_000
+    with pytest.raises(AppError, match=message):
+        call_explain(client, path)
+    assert server.process.poll() is None
+    _, numbers = call_explain(client, CAT, top_k=2)
+    check_explanation(numbers, ["teacher", "student"], 2, (32, 32))
+
+
+def test_checkpoint_deleted_while_selected_gets_a_clear_message(server, client):
+    _, numbers = call_explain(client, CAT, students=["student-copy"])  # listed and loaded
+    assert numbers["models"][1]["name"] == "student"  # the copy carries the original's name
+    (server.checkpoints / "student-copy.safetensors").unlink()
+    with pytest.raises(AppError, match=r"checkpoint 'student-copy' is not in .*\(deleted or renamed\?\); refresh"):
+        call_explain(client, CAT, students=["student-copy"])
+    _, numbers = call_explain(client, CAT, students=["student"], top_k=1)
+    check_explanation(numbers, ["teacher", "student"], 1, (32, 32))
+
+
+@pytest.mark.parametrize("teacher, students", [("../x", ["student"]), ("/etc/passwd", []),
+                                               ("teacher", [".."]), ("teacher", ["../checkpoints/student"])])
+def test_explain_refuses_names_outside_the_checkpoints_folder(client, teacher, students):
+    refused = re.escape(next(name for name in [teacher, *students] if "/" in name or ".." in name))
+    with pytest.raises(AppError, match=rf"Value: '?{refused}'? .*is not in the list of choices"):
+        call_explain(client, CAT, teacher=teacher, students=students)
+
+
+@pytest.mark.parametrize("settings, message", [
+    pytest.param({"teacher": "../x"}, r"Value: \.\./x is not in the list of choices", id="teacher-dotdot"),
+    pytest.param({"teacher": "/etc/passwd"}, r"Value: /etc/passwd is not in the list of choices", id="teacher-path"),
+    pytest.param({"name": "../evil"}, r"^name: '\.\./evil' is not a checkpoint name", id="name-dotdot"),
+    pytest.param({"name": ".."}, r"^name: '\.\.' is not a checkpoint name", id="name-parent"),
+    pytest.param({"epochs": 0}, r"^epochs must be a whole number >= 1, got 0$", id="epochs-0"),
+    pytest.param({"temperature": -2}, r"^temperature must be a number > 0, got -2", id="negative-T"),
+    pytest.param({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$", id="batch-0"),
+    pytest.param({"ce": 0, "kd": 0}, r"^weights: at least one loss weight must be positive$", id="no-loss"),
+    pytest.param({"data": "folder:/no/such/data"}, r"Value: folder:/no/such/data is not in the list of choices",
+                 id="data-not-offered"),
+    pytest.param({"data": "missing"}, r"^data: '.*/gone' does not exist$", id="data-offered-but-gone"),
+])
+def test_job_settings_out_of_range_or_outside_the_folders_are_refused(server, client, settings, message):
+    if settings.get("data") == "missing":
+        settings = {"data": server.missing_source}
+    jobs_before = [row[0] for row in client.predict(None, api_name="/jobs")[0]["data"]]
+    with pytest.raises(AppError, match=message):
+        launch(client, server, **settings)
+    assert [row[0] for row in client.predict(None, api_name="/jobs")[0]["data"]] == jobs_before
+    assert list(server.root.rglob("*evil*")) == []
+
+
+@pytest.mark.parametrize("job_id, message", [(None, r"^Choose a job to cancel\.$"),
+                                             ("abc", r"^'abc' is not a job id"), (999, r"^no job 999$")],
+                         ids=["none", "text", "unknown"])
+def test_cancel_without_a_valid_job_gets_a_clear_message(client, job_id, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(job_id, api_name="/cancel_job")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_runs_and_checkpoint_files_are_not_served(server):
+    database = server.runs / "jobs.sqlite3"
+    assert database.is_file()  # made at start-up, so the refusal below is not for a missing file
+    assert http_status(f"{server.url}gradio_api/file={CAT}") == 200  # what the route does serve
+    for path in (database, server.checkpoints / "teacher.safetensors", ROOT / "app.py"):
+        assert http_status(f"{server.url}gradio_api/file={path}") in (403, 404), path
+
+
+def test_models_tab_lists_checkpoints_and_counts_student_mistakes(server, client):
+    table, _, _, chosen = client.predict(api_name="/models")
+    rows = {row[0]: dict(zip(table["headers"], row)) for row in table["data"]}
+    student = load_checkpoint(server.checkpoints / "student.safetensors")
+    teacher = load_checkpoint(server.checkpoints / "teacher.safetensors")
+    assert rows["student"]["params"] == sum(parameter.numel() for parameter in student.model.parameters())
+    assert (rows["student"]["role"], rows["student"]["teacher"]) == ("student", "teacher")
+    assert rows["teacher"]["role"] == "teacher"
+    assert "student" in [value for value, _ in chosen["choices"]]
+
+    _, _, gallery, note = client.predict("student", api_name="/model_details")
+
+    images, labels, _ = load_sample(ROOT / "assets" / "cifar10-test-sample.safetensors")
+    teacher_right = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1) == labels
+    student_wrong = predict(student.model, images, student.mean, student.std).argmax(1) != labels
+    count = int((teacher_right & student_wrong).sum())
+    assert note == (f"{count} of {len(labels):,} sample test images that teacher classifies correctly and student "
+                    f"does not (first {min(count, 24)} shown).")
+    assert len(gallery) == min(count, 24)
+    assert all(item["caption"].startswith("true ") and Path(item["image"]).is_file() for item in gallery)
+
+
+def test_distillation_job_completes_and_its_checkpoint_is_listed(server, client):
+    job_id = launch(client, server, name="tiny-kd", epochs=2)
+    choices = []
+
+    def finished():
+        row, outputs = job_row(client, job_id)
+        teacher_choices = outputs[5]
+        if "choices" in teacher_choices:  # sent only when the list changed
+            choices[:] = [value for value, _ in teacher_choices["choices"]]
+        return row if row[2] not in ("queued", "running") else None
+
+    row = wait_for(finished, JOB_TIMEOUT, f"job {job_id} to finish", pause=0.5)
+    _, name, state, progress, teacher, student, method, epoch, test_top1, _ = row
+    assert (name, state, progress, epoch) == ("tiny-kd", "completed", "100%", "2/2"), row
+    assert (teacher, student, method) == ("teacher", "camnet", "ce+kd")
+    assert 0 <= test_top1 <= 100
+    assert "tiny-kd" in choices
+    checkpoint = load_checkpoint(server.checkpoints / "tiny-kd.safetensors")
+    assert (checkpoint.meta["role"], checkpoint.meta["teacher"]["name"], checkpoint.meta["method"]) == \
+        ("student", "teacher", "ce+kd")
+    assert [epoch["epoch"] for epoch in checkpoint.meta["history"]] == [1, 2]
+    assert checkpoint.meta["metrics"]["test_top1"] == test_top1
+
+    table, _, _, chosen = client.predict(api_name="/models")
+    listed = {row[0]: row for row in table["data"]}
+    assert listed["tiny-kd"][1:3] == ["camnet", "student"]
+    assert "tiny-kd" in [value for value, _ in chosen["choices"]]
+    _, numbers = call_explain(client, CAT, students=["tiny-kd"], top_k=3)  # usable right away
+    check_explanation(numbers, ["teacher", "tiny-kd"], 3, (32, 32))
+
+
+def test_cancel_stops_a_running_job_and_its_workers(server, client):
+    store = JobStore(server.runs)
+    long_job = launch(client, server, epochs=400, name="long")
+    queued_job = launch(client, server, epochs=1, name="after-long")  # one job at a time: it waits
+    assert store.get(queued_job)["state"] == "queued"
+
+    def in_second_epoch():
+        job = store.get(long_job)
+        assert job["state"] in ("queued", "running"), job
+        return job if job["state"] == "running" and job["epoch"] >= 2 else None
+
+    running = wait_for(in_second_epoch, JOB_TIMEOUT, "the long job to run its second epoch")
+    assert running["pgid"] and 0 < running["progress"] < 1
+
+    started = time.monotonic()
+    message = client.predict(long_job, api_name="/cancel_job")
+    cancelled = store.get(long_job)
+    elapsed = time.monotonic() - started
+
+    assert message == f"Job {long_job} is cancelled."
+    assert cancelled["state"] == "cancelled" and elapsed < CANCEL_SECONDS, (cancelled["state"], elapsed)
+    assert 2 <= cancelled["epoch"] < 400
+    with pytest.raises(ProcessLookupError):
+        os.killpg(running["pgid"], 0)
+    assert not (server.checkpoints / "long.safetensors").exists()
+
+    # Nobody polls the jobs endpoint now: the server's own scheduler starts the queued job.
+    def queued_job_finished():
+        job = store.get(queued_job)
+        return job if job["state"] not in ("queued", "running") else None
+
+    finished = wait_for(queued_job_finished, JOB_TIMEOUT, "the queued job to run without a page polling")
+    assert finished["state"] == "completed", finished
+    assert (server.checkpoints / "after-long.safetensors").is_file()
+    row, _ = job_row(client, long_job)
+    assert row[2] == "cancelled"

@@ -1,0 +1,37 @@
+"""Every checkpoint shipped in checkpoints/ is usable and as good as its metadata says: its
+float32 test top-1 on the real CIFAR-10 copy matches the recorded value within 0.1 points."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd_core.checkpoint import list_checkpoints, load_checkpoint
+from kd_core.evaluation import classification_report, predict
+from kd_core.profile import count_parameters
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+ROWS = list_checkpoints(SHIPPED) if SHIPPED.is_dir() else []
+MAX_TOTAL_BYTES = 30_000_000
+
+
+def test_checkpoint_folder_is_small_and_fully_usable():
+    assert all("error" not in row for row in ROWS), [row["error"] for row in ROWS if "error" in row]
+    assert sum(row["file_size"] for row in ROWS) <= MAX_TOTAL_BYTES
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row["name"] for row in ROWS])
+def test_shipped_checkpoint_matches_its_recorded_accuracy(row, real_cifar):
+    checkpoint = load_checkpoint(row["path"])
+    meta = checkpoint.meta
+    assert checkpoint.classes == real_cifar.classes
+    assert list(real_cifar.input_shape) == meta["data"]["input_size"]
+    assert count_parameters(checkpoint.model) == meta["metrics"]["params"]
+    assert Path(row["path"]).stat().st_size == meta["metrics"]["file_size"]
+    for key in ("arch", "arch_args", "method", "config", "train_seconds", "created", "recipe"):
+        assert meta.get(key) is not None, f"{row['name']} metadata lacks {key}"
+    if meta["role"] == "student":
+        assert meta["teacher"]["name"] and meta["teacher"]["sha256"]
+    logits = predict(checkpoint.model, real_cifar.test.images, checkpoint.mean, checkpoint.std)
+    report = classification_report(logits, real_cifar.test.labels)
+    assert abs(report["top1"] - meta["metrics"]["test_top1"]) <= 0.1, (report["top1"], meta["metrics"]["test_top1"])

@@ -251,8 +251,12 @@ with gr.Blocks(title="KD Workbench") as demo:
                 gr.Examples(sorted(str(path) for path in (ASSETS / "examples").glob("*.jpg")), inputs=image,
                             examples_per_page=20, label="CIFAR-10 test images")
             with gr.Column(scale=1):
-                teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
+                # custom values: API clients may name a checkpoint made after the page was built;
+                # ModelCache refuses anything that is not a file in the checkpoints folder
+                teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher",
+                                      allow_custom_value=True)
                 students = gr.Dropdown(checkpoint_names(), value=_default_students(), multiselect=True,
+                                       allow_custom_value=True,
                                        max_choices=MAX_STUDENTS, label="Students (up to 3)")
                 method = gr.Radio(cam_methods(), value="gradcam", label="CAM method",
                                   info="scorecam runs the model once per channel: slower")

@@ -220,22 +220,21 @@ def refresh_jobs(job_id, known_checkpoints):
             choice_update, choice_update, choice_update)
 
 
-def cancel_job(job_id):
-    job_id = _job_id(job_id, "cancel")
+def _job_action(job_id, action: str) -> str:
+    job_id = _job_id(job_id, action)
     try:
-        job = job_manager().cancel(job_id)
+        job = getattr(job_manager(), action)(job_id)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return f"Job {job['id']} is {job['state']}."
+
+
+def cancel_job(job_id):
+    return _job_action(job_id, "cancel")
 
 
 def resume_job(job_id):
-    job_id = _job_id(job_id, "resume")
-    try:
-        job = job_manager().resume(job_id)
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
-    return f"Job {job['id']} is {job['state']}."
+    return _job_action(job_id, "resume")
 
 
 # -- Layout --------------------------------------------------------------------------------------

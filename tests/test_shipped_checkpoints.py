@@ -30,8 +30,10 @@ def test_shipped_checkpoint_matches_its_recorded_accuracy(row, real_cifar):
     assert Path(row["path"]).stat().st_size == meta["metrics"]["file_size"]
     for key in ("arch", "arch_args", "method", "config", "train_seconds", "created", "recipe"):
         assert meta.get(key) is not None, f"{row['name']} metadata lacks {key}"
-    if meta["role"] == "student":
-        assert meta["teacher"]["name"] and meta["teacher"]["sha256"]
+    if set(meta["method"].split("+")) - {"ce"}:  # distilled: the teacher is recorded
+        assert meta["teacher"]["name"] and len(meta["teacher"]["sha256"]) == 64
+    else:
+        assert meta["teacher"] is None
     logits = predict(checkpoint.model, real_cifar.test.images, checkpoint.mean, checkpoint.std)
     report = classification_report(logits, real_cifar.test.labels)
     assert abs(report["top1"] - meta["metrics"]["test_top1"]) <= 0.1, (report["top1"], meta["metrics"]["test_top1"])

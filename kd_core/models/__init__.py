@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from . import airnet, resnet_cifar, small, torchvision_models  # noqa: F401  (fill the registry)
+from ..profile import count_parameters
 from .base import Classifier
 from .registry import MODELS
 
@@ -17,9 +16,5 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any
 
 def list_models() -> list[str]:
     return MODELS.names()
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 __all__ = ["Classifier", "create", "list_models", "count_parameters"]

@@ -160,6 +160,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return LoadedCheckpoint(model.to(device).eval(), meta, path)
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's tensors (names, dtypes, shapes, bytes in name order): the identity of
+    its weights, unchanged when only a checkpoint's metadata is rewritten."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_state_tensors(model).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1,4 +1,4 @@
-"""``python -m kd_core``: train, distill, evaluate, list, recipes.
+"""``python -m kd_core``: train, distill, evaluate, study, list, recipes.
 
 Every failure the user can cause (an unknown model, a missing data set, an impossible value, a
 broken checkpoint) ends in one line ``error: ...`` on stderr and exit status 2.
@@ -115,6 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="describe the checkpoints in a folder")
     listing.add_argument("directory", nargs="?", type=Path, default=CHECKPOINT_DIR)
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--markdown", action="store_true",
+                         help="print the README's results table (cost, accuracy, method, command) for the folder")
+
+    study = commands.add_parser(
+        "study", help="train one recipe several ways (ablation, temperature sweep, seeds) and tabulate",
+        description="Run a study of a recipe and print a Markdown table of test top-1 (mean ± std over seeds). "
+                    "Finished runs are kept in the output folder, so an interrupted study resumes.")
+    study.add_argument("kind", choices=("ablation", "temperature", "seeds"),
+                       help="ablation: CE / KD / CAM / KD+CAM / KD+feature; temperature: the recipe at each "
+                            "--temperatures; seeds: the recipe as it is")
+    study.add_argument("--recipe", required=True, help="the recipe to vary (see `python -m kd_core recipes`)")
+    study.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every variant runs once per seed")
+    study.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6, 8],
+                       help="KD temperatures for the temperature study")
+    study.add_argument("--feature-weight", type=float, default=1.0, help="weight of the FitNets hint in the ablation")
+    study.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the recipe's, in checkpoints/)")
+    study.add_argument("--data", help="data source (default: the recipe's)")
+    study.add_argument("--output", "-o", type=Path,
+                       help="study folder for checkpoints and results (default runs/study/<recipe>-<kind>)")
+    study.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    study.add_argument("--limit", type=int, help="train on a random subset of N training images")
+    study.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    study.add_argument("--cache-dir", type=Path)
 
     commands.add_parser("recipes", help="list the named recipes and the command that runs each")
     commands.add_parser("models", help="list the model zoo with parameter counts for 3x32x32 input")
@@ -281,6 +304,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if args.markdown:
+        print(_markdown_table(rows))
+        return 0
     if not rows:
         print(f"no checkpoints in {args.directory}")
     for row in rows:
@@ -295,6 +321,42 @@ def _list(args: argparse.Namespace) -> int:
               f"{metrics.get('test_top1', float('nan')):6.2f}%  {meta.get('method', '?'):<14} teacher {teacher:<12} "
               f"{minutes:5.1f} min  {row['file_size'] / 1e6:6.2f} MB")
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    recipe = recipes.get(args.recipe)
+    overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device") if getattr(args, key) is not None}
+    config = replace(recipe.config, **overrides).validate()
+    if args.kind == "temperature" and any(t <= 0 for t in args.temperatures):
+        raise UsageError("temperatures must be > 0")
+    teacher = args.teacher or (CHECKPOINT_DIR / f"{recipe.teacher}.safetensors" if recipe.teacher else None)
+    folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
+    summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
+                        cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
+                        callbacks=lambda: [TqdmProgress(stream=sys.stderr)], log=lambda line: print(line, file=sys.stderr))
+    print(summary)
+    return 0
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | role | params | MACs | file | test top-1 | method | teacher | training | "
+             "CPU batch-1 latency | command |", "|---" * 11 + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | unusable: {row['error']} |" + " |" * 9)
+            continue
+        meta, metrics = row["meta"], row["meta"].get("metrics", {})
+        latency = metrics.get("latency_ms_batch1")
+        command = recipes.reproduce_command(meta)
+        lines.append(
+            f"| {row['name']} | {meta.get('role', '?')} | {metrics.get('params', 0):,} | {metrics.get('macs', 0) / 1e6:.1f} M "
+            f"| {row['file_size'] / 1e6:.2f} MB | {metrics.get('test_top1', float('nan')):.2f}% | {meta.get('method', '?')} "
+            f"| {(meta.get('teacher') or {}).get('name', '-')} "
+            f"| {meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs "
+            f"| {'-' if latency is None else f'{latency:.2f} ms'} | {f'`{command}`' if command else '-'} |")
+    return "\n".join(lines)
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -316,7 +378,7 @@ def _models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": lambda: _train(args, False), "distill": lambda: _train(args, True),
-                "evaluate": lambda: _evaluate(args), "list": lambda: _list(args),
+                "evaluate": lambda: _evaluate(args), "study": lambda: _study(args), "list": lambda: _list(args),
                 "recipes": lambda: _recipes(args), "models": lambda: _models(args)}
     try:
         return handlers[args.command]()

@@ -35,6 +35,7 @@ from torch import nn
 from .checkpoint import SUFFIX, CheckpointError, LoadedCheckpoint, load_checkpoint
 from .evaluation import agreement
 from .images import DISPLAY_MAX_SIDE, load_image, to_model_input
+from .models.base import SingleView
 from .registry import Registry
 
 CAM_METHODS: Registry[BaseCAM] = Registry("CAM method")
@@ -128,9 +129,10 @@ def explain(image: Any, checkpoints: Sequence[LoadedCheckpoint], method: str = "
 def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gradcam",
                 target: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Logits ``(K,)`` and the map ``(H, W)`` (float32 in [0, 1], the input's resolution) of
-    ``input_tensor`` ``(1, C, H, W)`` for class ``target`` (None: the predicted class)."""
+    ``input_tensor`` ``(1, C, H, W)`` for class ``target`` (None: the predicted class), both from one
+    pass (``forward_head(forward_features(x))``, no test-time augmentation)."""
     targets = None if target is None else [ClassifierOutputTarget(target)]
-    with _model_lock(model), _cam(method, model) as cam:
+    with _model_lock(model), _cam(method, SingleView(model)) as cam:
         if cam.uses_gradients:
             # The gradient flows from the input, so the target layer gets one even though the
             # cached copies' weights are frozen (and no weight gradients are computed).
@@ -313,12 +315,12 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
     input_tensor = to_model_input(picture, checkpoint.meta)  # (1, C, H, W)
     cam = overlay = None
     note = ""
+    with _model_lock(model), torch.no_grad():
+        logits = model(input_tensor)[0]  # the model's own prediction, test-time augmentation included
     if model.cam_layer is None:
-        with torch.no_grad():
-            logits = model(input_tensor)[0]
         note = f"no CAM for this architecture: {checkpoint.meta['arch']} has no spatial feature map"
     else:
-        logits, cam = compute_cam(model, input_tensor, method, target)
+        _, cam = compute_cam(model, input_tensor, method, int(logits.argmax()) if target is None else target)
         overlay = overlay_heatmap(pixels, cam, opacity)
         if cam.max() == 0:
             note = "the map is empty: nothing at the target layer raises this class's score"

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 
 from . import __version__, models
-from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint
+from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint, weights_sha256
 from .data import DataBundle, load_data
 from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
@@ -44,7 +44,8 @@ def method_name(weights: dict[str, float]) -> str:
 
 def teacher_summary(teacher: LoadedCheckpoint) -> dict[str, Any]:
     return {"name": teacher.name, "arch": teacher.meta["arch"], "file": teacher.path.name,
-            "sha256": file_sha256(teacher.path), "test_top1": teacher.meta.get("metrics", {}).get("test_top1")}
+            "sha256": file_sha256(teacher.path),
+            "weights_sha256": weights_sha256(teacher.model), "test_top1": teacher.meta.get("metrics", {}).get("test_top1")}
 
 
 def check_compatible(teacher: LoadedCheckpoint, data: DataBundle) -> None:

@@ -201,3 +201,18 @@ def test_list_checkpoints_marks_broken_files(saved):
     assert rows["camnet"]["file_size"] == good.stat().st_size
     assert "not a readable safetensors file" in rows["half"]["error"] and "meta" not in rows["half"]
     assert "without kd_core metadata" in rows["plain"]["error"]
+
+
+def test_weights_sha256_follows_the_weights_not_the_metadata(tmp_path):
+    from kd_core.checkpoint import file_sha256, update_metadata, weights_sha256
+
+    model = trained_looking("camnet")
+    path = save_checkpoint(tmp_path / "a.safetensors", model, meta_for("camnet"))
+    before_file, before_weights = file_sha256(path), weights_sha256(load_checkpoint(path).model)
+    assert before_weights == weights_sha256(model) and len(before_weights) == 64
+    update_metadata(path, {"metrics": {"latency_ms_batch1": 1.0}})
+    assert file_sha256(path) != before_file
+    assert weights_sha256(load_checkpoint(path).model) == before_weights
+    with torch.no_grad():
+        model.head.fc.bias[0] += 1e-6
+    assert weights_sha256(model) != before_weights

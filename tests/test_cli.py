@@ -9,7 +9,7 @@ import re
 import pytest
 
 from conftest import write_image_folder
-from kd_core.checkpoint import file_sha256, read_metadata
+from kd_core.checkpoint import file_sha256, load_checkpoint, read_metadata, weights_sha256
 from kd_core.cli import LOSS_TERMS, build_parser, main
 from kd_core.losses import LOSSES
 
@@ -89,6 +89,8 @@ HELP_OPTIONS = {
                                    "--feature-spatial"] + [f"--{term}" for term in LOSS_TERMS],
     "evaluate": ["--data", "--teacher", "--speed", "--json", "--cache-dir"],
     "list": ["--json"],
+    "study": ["--recipe", "--seeds", "--temperatures", "--feature-weight", "--teacher", "--data", "--output",
+              "--epochs", "--limit", "--device", "--cache-dir"],
 }
 
 
@@ -139,6 +141,7 @@ def test_train_distill_evaluate(capsys, workdir, folder_data):
     assert meta["config"]["temperature"] == 2 and meta["config"]["loss_weights"] == {"ce": 0.5, "kd": 1, "cam": 1, "feature": 1}
     assert meta["name"] == "camnet" and meta["teacher"]["name"] == "lightnn"  # --name defaults to the arch
     assert meta["teacher"]["file"] == "teacher.safetensors" and meta["teacher"]["sha256"] == file_sha256(teacher_path)
+    assert meta["teacher"]["weights_sha256"] == weights_sha256(load_checkpoint(teacher_path).model)
     assert meta["metrics"]["file_size"] == student_path.stat().st_size and len(meta["history"]) == 1
     assert (workdir / "runs" / "student" / "resume.safetensors").exists()
 
@@ -156,3 +159,36 @@ def test_train_distill_evaluate(capsys, workdir, folder_data):
     code, out, _ = run_cli(capsys, "list", workdir / "ck")
     assert code == 0
     assert re.search(r"^student\s+camnet\s+student", out, re.M) and re.search(r"^teacher\s+lightnn\s+teacher", out, re.M)
+
+
+def test_reproduce_command_names_every_difference_from_the_recipe():
+    from kd_core.recipes import get, reproduce_command
+
+    recipe = get("camnet-kd-cam")
+    meta = {"recipe": "camnet-kd-cam", "config": json.loads(json.dumps(recipe.config.to_dict())),
+            "arch_args": {"num_classes": 10, "in_channels": 3}}
+    assert reproduce_command(meta) == "python -m kd_core distill --recipe camnet-kd-cam"
+    meta["config"].update(epochs=7, lr=0.125, device="cuda")  # the device is not a difference
+    meta["config"]["augment"]["cutout"] = 8
+    assert reproduce_command(meta) == ("python -m kd_core distill --recipe camnet-kd-cam --epochs 7 --lr 0.125 "
+                                       "(and settings that differ in augment)")
+    airnet = get("airnet")
+    meta = {"recipe": "airnet", "config": json.loads(json.dumps(airnet.config.to_dict())),
+            "arch_args": {"num_classes": 10, "in_channels": 3, "widths": [64, 256, 256], "flip_tta": True}}
+    assert reproduce_command(meta) == "python -m kd_core train --recipe airnet (and settings that differ in arch_args)"
+    assert reproduce_command({"recipe": None}) is None and reproduce_command({"recipe": "gone"}) is None
+
+
+def test_list_markdown_table(capsys, workdir, folder_data):
+    code, _, _ = run_cli(capsys, "train", "--recipe", "camnet-ce", "--data", folder_data, *common(workdir, "camnet-ce"))
+    assert code == 0
+    (workdir / "ck" / "broken.safetensors").write_bytes(b"not a checkpoint")
+    code, out, _ = run_cli(capsys, "list", workdir / "ck", "--markdown")
+    meta = read_metadata(workdir / "ck" / "camnet-ce.safetensors")
+    lines = out.splitlines()
+    assert lines[0].startswith("| checkpoint | role | params |") and lines[1] == "|---" * 11 + "|"
+    assert lines[2].startswith("| broken | unusable: ") and lines[2].count("|") == 12
+    assert lines[3] == (f"| camnet-ce | student | {meta['metrics']['params']:,} | {meta['metrics']['macs'] / 1e6:.1f} M | "
+                        f"{meta['metrics']['file_size'] / 1e6:.2f} MB | {meta['metrics']['test_top1']:.2f}% | ce | - | "
+                        f"{meta['train_seconds'] / 60:.1f} min, 1 epochs | - | "
+                        "`python -m kd_core train --recipe camnet-ce --epochs 1 --batch-size 16 --limit 40` |")

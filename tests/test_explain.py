@@ -360,3 +360,28 @@ def test_bench_command_reports_median_and_p90(tmp_path, capsys):
     assert "error: checkpoint 'nope'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["camnet.safetensors", "lightnn.safetensors"]
 
+
+
+def test_flip_tta_model_predicts_with_both_views_and_maps_one(tmp_path, photo):
+    """airnet with flip TTA: the shown prediction is the two-view average (what the model predicts),
+    the CAM is the single-view map for that class, never a mix of the two passes' hooks."""
+    torch.manual_seed(0)
+    arch_args = {"num_classes": 3, "in_channels": 3, "widths": [8, 16, 16]}
+    meta = {"arch": "airnet", "data": {"source": "synthetic", "classes": CLASSES, "input_size": [3, 32, 32],
+                                       "mean": [0.5] * 3, "std": [0.25] * 3}}
+    model = models.create("airnet", **arch_args)
+    save_checkpoint(tmp_path / "tta.safetensors", model, {**meta, "arch_args": {**arch_args, "flip_tta": True}})
+    save_checkpoint(tmp_path / "plain.safetensors", model, {**meta, "arch_args": arch_args})
+    cache = ModelCache(tmp_path)
+    tta, plain = cache.get("tta"), cache.get("plain")
+    x = to_model_input(load_image(photo), tta.meta)
+    with torch.no_grad():
+        two_views = tta.model(x)[0]
+    result = explain(photo, [tta, plain], top_k=3)
+    with_tta, without = result.models
+    assert np.allclose(with_tta.logits, two_views.numpy(), atol=1e-6)
+    assert not np.allclose(with_tta.logits, without.logits, atol=1e-4)
+    _, expected_cam = compute_cam(plain.model, x, "gradcam", with_tta.predicted)
+    assert with_tta.target == with_tta.predicted
+    np.testing.assert_allclose(with_tta.cam, expected_cam, atol=1e-6)
+    assert hooks_left(tta.model) == 0

@@ -126,3 +126,17 @@ def test_resnet_depth_must_be_6n_plus_2():
 
     with pytest.raises(ValueError, match="6n\\+2"):
         CifarResNet(21)
+
+
+def test_airnet_flip_tta_averages_the_mirror_image_in_eval_mode_only():
+    torch.manual_seed(0)
+    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        single = model.forward_head(model.forward_features(x))
+        mirrored = model.forward_head(model.forward_features(x.flip(-1)))
+        torch.testing.assert_close(model(x), (single + mirrored) / 2)
+        assert not torch.allclose(single, mirrored)  # the average differs from either view
+        model.train()
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+    assert models.count_parameters(model) == models.count_parameters(models.create("airnet", widths=(8, 16, 16)))

@@ -1,6 +1,7 @@
 """The contract every classifier in the zoo follows.
 
-``forward(x) == forward_head(forward_features(x))``. ``forward_features`` returns the last spatial
+``forward(x) == forward_head(forward_features(x))`` (a model may add test-time augmentation to
+``forward`` in eval mode, as airnet's ``flip_tta`` does; :class:`SingleView` gives one pass). ``forward_features`` returns the last spatial
 feature map ``(B, C, H, W)``; feature matching, the CAM losses and the dashboard's Grad-CAM all
 read that same tensor. ``cam_layer`` is the dotted name of the submodule whose output it is, so
 hook-based tools (the grad-cam package) find it by name.
@@ -35,6 +36,23 @@ class Classifier(nn.Module):
         if self.cam_layer is None:
             raise ValueError(f"{type(self).__name__} has no spatial feature map, so it has no CAM")
         return self.get_submodule(self.cam_layer)
+
+
+class SingleView(nn.Module):
+    """``forward(x) = forward_head(forward_features(x))`` of a wrapped classifier: exactly one pass,
+    even when the classifier's own ``forward`` adds test-time augmentation (several passes).
+    Hook-based CAM tools (the grad-cam package) need one pass per input to pair each activation
+    with its gradient."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x))
+
+    def cam_module(self) -> nn.Module:
+        return self.model.cam_module()
 
 
 class GapLinearHead(nn.Module):

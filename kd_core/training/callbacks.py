@@ -46,10 +46,12 @@ class History(Callback):
 
 
 class TqdmProgress(Callback):
-    """One progress bar per epoch on stderr, with the running loss and lr."""
+    """One progress bar per epoch on stderr, with the running loss and lr; a summary line per epoch
+    on ``stream`` (standard output unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream=None) -> None:
         self.bar = None
+        self.stream = stream
 
     def on_step_end(self, trainer: "Trainer", info: StepInfo) -> None:
         from tqdm import tqdm
@@ -66,7 +68,7 @@ class TqdmProgress(Callback):
             self.bar = None
         test = f" test_top1 {info.test['test_top1']:.2f}%" if "test_top1" in info.test else ""
         print(f"epoch {info.epoch + 1}/{info.epochs}: loss {info.train['loss']:.4f} "
-              f"train_top1 {info.train['train_top1']:.2f}%{test} ({info.seconds:.0f} s)", flush=True)
+              f"train_top1 {info.train['train_top1']:.2f}%{test} ({info.seconds:.0f} s)", file=self.stream, flush=True)
 
     def on_train_end(self, trainer: "Trainer") -> None:
         if self.bar is not None:

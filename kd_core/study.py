@@ -1,0 +1,166 @@
+"""Studies: one recipe trained several ways, summarised as one table.
+
+``python -m kd_core study KIND --recipe NAME`` runs
+
+- ``ablation``: the CAM-KD paper's table for a distillation recipe: cross-entropy only, KD, CAM
+  alignment, KD + CAM, KD + feature matching; same recipe, data order and seed;
+- ``temperature``: the recipe's KD objective at each temperature given;
+- ``seeds``: the recipe unchanged, once per seed.
+
+Every variant x seed is one ordinary run (:func:`kd_core.run.run`) writing its checkpoint into the
+study folder; finished runs are recorded in ``results.json`` there and skipped when the command is
+run again, so a study interrupted at any point resumes. The summary is a Markdown table (mean and
+sample standard deviation over seeds) printed and saved as ``results.md``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .recipes import Recipe
+from .training import Callback, TrainConfig
+
+KINDS = ("ablation", "temperature", "seeds")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    config: TrainConfig
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" ", "").replace("+", "-").replace("=", "").lower()
+
+
+def ablation_variants(config: TrainConfig, feature_weight: float = 1.0) -> list[Variant]:
+    """CE only, KD, CAM, KD + CAM, KD + feature, with the recipe's own weights.
+
+    KD variants use the recipe's (ce, kd) mix; the CAM term uses the recipe's CAM weight (1 when the
+    recipe has none) beside plain cross-entropy when there is no KD.
+    """
+    weights = config.loss_weights
+    kd = weights.get("kd", 0.0) or 0.5
+    ce_with_kd = weights.get("ce", 1.0 - kd) if "kd" in weights else 1.0 - kd
+    cam = weights.get("cam", 0.0) or 1.0
+    mixes = [
+        ("CE only", {"ce": 1.0}),
+        ("KD", {"ce": ce_with_kd, "kd": kd}),
+        ("CAM", {"ce": 1.0, "cam": cam}),
+        ("KD + CAM", {"ce": ce_with_kd, "kd": kd, "cam": cam}),
+        ("KD + feature", {"ce": ce_with_kd, "kd": kd, "feature": feature_weight}),
+    ]
+    return [Variant(label, replace(config, loss_weights={k: v for k, v in mix.items() if v > 0}))
+            for label, mix in mixes]
+
+
+def temperature_variants(config: TrainConfig, temperatures: Iterable[float]) -> list[Variant]:
+    if config.loss_weights.get("kd", 0) <= 0:
+        raise ValueError("a temperature sweep needs a recipe whose objective has a KD term")
+    return [Variant(f"T={t:g}", replace(config, temperature=float(t))) for t in temperatures]
+
+
+def variants_for(kind: str, config: TrainConfig, temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8),
+                 feature_weight: float = 1.0) -> list[Variant]:
+    if kind == "ablation":
+        return ablation_variants(config, feature_weight)
+    if kind == "temperature":
+        return temperature_variants(config, temperatures)
+    if kind == "seeds":
+        return [Variant("recipe", config)]
+    raise ValueError(f"unknown study {kind!r}; choose from {', '.join(KINDS)}")
+
+
+# -- results -------------------------------------------------------------------------------------
+
+def load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); move it away to start the study afresh") from None
+
+
+def save_results(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(rows, indent=1))
+    os.replace(temporary, path)
+
+
+def summarize(rows: list[dict], title: str) -> str:
+    """Markdown: one line per variant, in first-run order, with mean +- sample std over seeds."""
+    order: list[str] = []
+    for row in rows:
+        if row["variant"] not in order:
+            order.append(row["variant"])
+    lines = [f"**{title}**", "", "| variant | objective | T | seeds | test top-1 (%) | runs | training min/run |",
+             "|---|---|---|---|---|---|---|"]
+    for label in order:
+        group = [row for row in rows if row["variant"] == label]
+        accuracies = [row["test_top1"] for row in group]
+        mean = statistics.fmean(accuracies)
+        spread = f" ± {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
+        objective = " + ".join(f"{weight:g}·{term}" for term, weight in group[0]["loss_weights"].items())
+        uses_kd = "kd" in group[0]["loss_weights"]
+        minutes = statistics.fmean(row["train_seconds"] for row in group) / 60
+        lines.append(f"| {label} | {objective} | {group[0]['temperature']:g} |" if uses_kd else
+                     f"| {label} | {objective} | - |")
+        lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread} | "
+                      f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seeds: Iterable[int],
+              teacher: Path | None, data: str, cache_dir: Path | None = None,
+              temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
+              callbacks: Callable[[], list[Callback]] = list, log: Callable[[str], None] = print) -> str:
+    """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary."""
+    from .run import RunSpec, run
+
+    variants = variants_for(kind, config, temperatures, feature_weight)
+    needs_teacher = any(set(v.config.loss_weights) - {"ce"} for v in variants)
+    if needs_teacher and (teacher is None or not Path(teacher).exists()):
+        raise FileNotFoundError(f"the study distils, so it needs a teacher checkpoint; {teacher} does not exist")
+    folder.mkdir(parents=True, exist_ok=True)
+    results_path = folder / "results.json"
+    rows = load_results(results_path)
+    title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
+             + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}")
+    for variant in variants:
+        for seed in seeds:
+            run_config = replace(variant.config, seed=seed)
+            done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
+            if done and done[0]["config"] != json.loads(json.dumps(run_config.to_dict())):
+                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
+                                 "give the study another --output folder")
+            if done:
+                continue
+            name = f"{recipe.name}-{variant.slug}-s{seed}"
+            distils = bool(set(run_config.loss_weights) - {"ce"})
+            spec = RunSpec(arch=recipe.arch, data=data, config=run_config, output=folder / f"{name}.safetensors",
+                           teacher=Path(teacher) if distils else None, name=name, role="student",
+                           recipe=recipe.name, arch_args=dict(recipe.arch_args),
+                           state_path=folder / name / "resume.safetensors", cache_dir=cache_dir)
+            log(f"{kind}: {variant.label}, seed {seed}")
+            result, path = run(spec, callbacks=callbacks())
+            if path is None:
+                raise KeyboardInterrupt
+            rows.append({"variant": variant.label, "seed": seed, "loss_weights": run_config.loss_weights,
+                         "temperature": run_config.temperature, "test_top1": round(result.test_top1, 2),
+                         "train_seconds": round(result.train_seconds, 1), "epochs": run_config.epochs,
+                         "limit": run_config.limit, "checkpoint": path.name, "config": run_config.to_dict()})
+            save_results(results_path, rows)
+            log(f"  {variant.label}, seed {seed}: test top-1 {result.test_top1:.2f}%")
+    labels = {variant.label for variant in variants}
+    seed_set = set(seeds)
+    chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seed_set]
+    summary = summarize(chosen, title)
+    (folder / "results.md").write_text(summary + "\n")
+    return summary

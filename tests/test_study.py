@@ -1,0 +1,111 @@
+"""``python -m kd_core study``: the variants each study trains, the summary table's arithmetic, and
+an ablation + seeds study end to end on a tiny image folder (resumable, refusing mixed settings)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import write_image_folder
+from kd_core import recipes
+from kd_core.cli import main
+from kd_core.study import ablation_variants, summarize, temperature_variants, variants_for
+
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
+
+
+def test_ablation_variants_keep_the_recipes_weights():
+    config = recipes.get("camnet-kd-cam").config  # ce 0.25, kd 0.75, cam 1
+    variants = ablation_variants(config, feature_weight=2.0)
+    assert [v.label for v in variants] == ["CE only", "KD", "CAM", "KD + CAM", "KD + feature"]
+    assert [v.config.loss_weights for v in variants] == [
+        {"ce": 1.0}, {"ce": 0.25, "kd": 0.75}, {"ce": 1.0, "cam": 1.0},
+        {"ce": 0.25, "kd": 0.75, "cam": 1.0}, {"ce": 0.25, "kd": 0.75, "feature": 2.0}]
+    assert all(v.config.epochs == config.epochs and v.config.seed == config.seed for v in variants)
+    assert [v.slug for v in variants] == ["ceonly", "kd", "cam", "kd-cam", "kd-feature"]
+
+
+def test_ablation_of_a_ce_recipe_uses_hintons_half_mix():
+    variants = ablation_variants(recipes.get("camnet-ce").config)
+    assert variants[1].config.loss_weights == {"ce": 0.5, "kd": 0.5}
+    assert variants[2].config.loss_weights == {"ce": 1.0, "cam": 1.0}
+
+
+def test_temperature_variants():
+    config = recipes.get("lightnn-kd").config
+    variants = temperature_variants(config, [1, 2.5, 8])
+    assert [v.label for v in variants] == ["T=1", "T=2.5", "T=8"]
+    assert [v.config.temperature for v in variants] == [1.0, 2.5, 8.0]
+    assert all(v.config.loss_weights == config.loss_weights for v in variants)
+    with pytest.raises(ValueError, match="needs a recipe whose objective has a KD term"):
+        temperature_variants(recipes.get("camnet-ce").config, [1])
+    with pytest.raises(ValueError, match="unknown study 'grid'"):
+        variants_for("grid", config)
+
+
+def test_summary_mean_and_sample_std():
+    rows = [{"variant": "KD", "seed": s, "loss_weights": {"ce": 0.25, "kd": 0.75}, "temperature": 4.0,
+             "test_top1": a, "train_seconds": 120.0} for s, a in [(0, 70.0), (1, 72.0), (2, 74.0)]]
+    rows.append({"variant": "CE only", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0,
+                 "test_top1": 65.5, "train_seconds": 60.0})
+    table = summarize(rows, "title").splitlines()
+    assert table[0] == "**title**"
+    assert table[4] == "| KD | 0.25·ce + 0.75·kd | 4 | 0, 1, 2 | **72.00** ± 2.00 | 70.00, 72.00, 74.00 | 2.0 |"
+    assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 |"
+
+
+def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "data", ["cat", "dog", "frog"], {"train": 12, "test": 6}, size=32)
+    data = f"folder:{tmp_path / 'data'}"
+    cache = ["--cache-dir", tmp_path / "cache"]
+    assert main(["train", "--model", "lightnn", "--data", data, "--epochs", "1", "--limit", "24",
+                 "--output", str(tmp_path / "teacher.safetensors"), *map(str, cache)]) == 0
+    capsys.readouterr()
+
+    study = ["study", "ablation", "--recipe", "camnet-kd-cam", "--teacher", tmp_path / "teacher.safetensors",
+             "--data", data, "--epochs", "1", "--limit", "24", "--output", tmp_path / "ablation", *cache]
+    assert main([str(arg) for arg in study]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "ablation" / "results.json").read_text())
+    assert [row["variant"] for row in rows] == ["CE only", "KD", "CAM", "KD + CAM", "KD + feature"]
+    assert all(0 <= row["test_top1"] <= 100 and row["epochs"] == 1 and row["limit"] == 24 for row in rows)
+    assert sorted(p.name for p in (tmp_path / "ablation").glob("*.safetensors")) == sorted(
+        f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "kd", "cam", "kd-cam", "kd-feature"])
+    assert out.startswith("**ablation study of recipe camnet-kd-cam (camnet, 1 epochs, teacher teacher)")
+    for row in rows:
+        assert f"| {row['variant']} |" in out and f"**{row['test_top1']:.2f}**" in out
+    assert (tmp_path / "ablation" / "results.md").read_text() == out
+
+    # Run again: every run is already recorded, so nothing trains and the table is the same.
+    mtime = (tmp_path / "ablation" / "results.json").stat().st_mtime_ns
+    assert main([str(arg) for arg in study]) == 0
+    assert capsys.readouterr().out == out
+    assert (tmp_path / "ablation" / "results.json").stat().st_mtime_ns == mtime
+
+    # The same folder with other settings is refused rather than mixed into one table.
+    changed = [str(arg) for arg in study]
+    changed[changed.index("--epochs") + 1] = "2"
+    assert main(changed) == 2
+    assert "holds a CE only run (seed 0) with other settings" in capsys.readouterr().err
+
+    seeds = ["study", "seeds", "--recipe", "camnet-ce", "--data", data, "--epochs", "1", "--limit", "24",
+             "--seeds", "0", "1", "--output", tmp_path / "seeds", *cache]
+    assert main([str(arg) for arg in seeds]) == 0
+    out = capsys.readouterr().out
+    accuracies = [row["test_top1"] for row in json.loads((tmp_path / "seeds" / "results.json").read_text())]
+    assert len(accuracies) == 2
+    assert re.search(r"\| recipe \| 1·ce \| - \| 0, 1 \| \*\*\d+\.\d\d\*\* ± \d+\.\d\d \|", out)
+
+
+def test_study_errors(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "ablation", "--recipe", "camnet-kd-cam", "--teacher", "missing.safetensors"]) == 2
+    assert "needs a teacher checkpoint; missing.safetensors does not exist" in capsys.readouterr().err
+    assert main(["study", "temperature", "--recipe", "lightnn-kd", "--temperatures", "2", "0"]) == 2
+    assert "temperatures must be > 0" in capsys.readouterr().err
+    assert main(["study", "temperature", "--recipe", "camnet-ce"]) == 2
+    assert "needs a recipe whose objective has a KD term" in capsys.readouterr().err
+    assert main(["study", "seeds", "--recipe", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err

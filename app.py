@@ -176,11 +176,11 @@ def _student_mistakes(student):
 
 
 def launch_job(teacher, student, data, ce, kd, feature, cam, temperature, epochs, lr, batch_size, seed, limit,
-               name):
+               teacher_views, name):
     spec = {"teacher": teacher, "student": student, "data": data,
             "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-            "limit": int(limit) if limit else None, "name": name or None}
+            "limit": int(limit) if limit else None, "teacher_views": teacher_views, "name": name or None}
     try:
         job = job_manager().submit(spec)
     except (ValueError, TypeError) as error:
@@ -318,6 +318,10 @@ with gr.Blocks(title="KD Workbench") as demo:
                     batch_size = gr.Number(256, label="batch size", precision=0)
                     seed = gr.Number(0, label="seed", precision=0)
                     limit = gr.Number(0, label="subset size (0: all)", precision=0)
+                    teacher_views = gr.Number(0, label="teacher views (0: teacher every step)", precision=0,
+                                              info="N: run the teacher once on N crop/flip views of each image "
+                                                   "and reuse its outputs; much faster with a large teacher "
+                                                   "(KD and CAM only)")
                 launch = gr.Button("Launch", variant="primary")
                 launch_message = gr.Markdown()
         jobs_table = gr.Dataframe(headers=dashboard.JOB_COLUMNS, interactive=False, label="Jobs")
@@ -333,7 +337,8 @@ with gr.Blocks(title="KD Workbench") as demo:
         timer = gr.Timer(2.0)
 
     launch.click(launch_job, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature, epochs, lr,
-                              batch_size, seed, limit, job_name], [launch_message, job_choice], api_name="launch_job")
+                              batch_size, seed, limit, teacher_views, job_name], [launch_message, job_choice],
+                 api_name="launch_job")
     refresh_outputs = [jobs_table, job_choice, progress, loss_plot, accuracy_plot, known_checkpoints,
                        teacher, students, job_teacher]
     timer.tick(refresh_jobs, [job_choice, known_checkpoints], refresh_outputs, api_name="jobs",

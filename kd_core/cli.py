@@ -85,6 +85,10 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss.add_argument("--cam-distance", choices=("l1", "mse"), help="distance between normalized CAMs")
         loss.add_argument("--feature-spatial", choices=("pool", "resize"),
                           help="how feature maps of different sizes are matched")
+        loss.add_argument("--teacher-views", type=int, metavar="N",
+                          help="0: run the teacher at every step; N: run it once on N random crop/flip views of "
+                               "every training image, keep its outputs in the cache folder and train on those views "
+                               "(much faster with a large teacher; kd and cam terms only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +174,7 @@ def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) 
             overrides["loss_weights"] = weights
         elif not args.recipe:
             overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
-        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial"):
+        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
     return replace(base, **overrides).validate()

@@ -96,12 +96,15 @@ _SMALL = TrainConfig(epochs=40, batch_size=256, lr=0.05, momentum=0.9, weight_de
 _add(Recipe("deepnn", "deepnn", "teacher", replace(_SMALL, epochs=30),
             "the PyTorch KD tutorial's teacher, trained with augmentation and a cosine schedule"))
 _add(Recipe("lightnn-ce", "lightnn", "student", _SMALL, "the tutorial's student, cross-entropy only"))
-_add(Recipe("lightnn-kd", "lightnn", "student", replace(_SMALL, loss_weights={"ce": 0.25, "kd": 0.75}, temperature=4),
+_add(Recipe("lightnn-kd", "lightnn", "student",
+            replace(_SMALL, loss_weights={"ce": 0.25, "kd": 0.75}, temperature=4, teacher_views=8),
             "the tutorial's student distilled from deepnn (Hinton KD)", teacher="deepnn"))
 # CAM-Net (96 k parameters, two non-linear layers) underfits: after 10 epochs with +-4 px crops its
 # training accuracy stayed below its test accuracy. So lighter regularization (+-2 px crops, weight
-# decay 1e-4) and 20 epochs (distilling from the 4.7 M-parameter airnet costs about 75 s per epoch).
-_CAMNET = replace(_SMALL, epochs=20, weight_decay=1e-4, augment=AugmentConfig(crop_padding=2, flip=True))
+# decay 1e-4) and 20 epochs. The students learn from a bank of the teacher's outputs on 8 views of
+# every image (kd_core.training.teacher_bank): airnet's forward pass costs many times a camnet step.
+_CAMNET = replace(_SMALL, epochs=20, weight_decay=1e-4, augment=AugmentConfig(crop_padding=2, flip=True),
+                  teacher_views=8)
 _add(Recipe("camnet-ce", "camnet", "student", _CAMNET, "CAM-KD's student, cross-entropy only"))
 _add(Recipe("camnet-kd", "camnet", "student", replace(_CAMNET, loss_weights={"ce": 0.25, "kd": 0.75}),
             "CAM-KD's student with Hinton KD from airnet", teacher="airnet"))

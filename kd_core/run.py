@@ -14,9 +14,11 @@ import torch
 from . import __version__, models
 from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint, weights_sha256
 from .data import DataBundle, load_data
+from .data.sources import default_cache_dir
 from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
 from .training import Callback, TrainConfig, Trainer, TrainResult
+from .training.engine import seed_everything
 
 
 @dataclass
@@ -78,9 +80,11 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     arch_args = {"num_classes": len(data.classes), "in_channels": channels, **spec.arch_args}
     if "input_size" in inspect.signature(models.MODELS.get(spec.arch)).parameters:  # flatten-head models
         arch_args.setdefault("input_size", data.input_shape[-1])
+    seed_everything(spec.config.seed)  # the student's initial weights are part of a reproducible run
     model = models.create(spec.arch, **arch_args)
     trainer = Trainer(model, data, spec.config, teacher=teacher.model if teacher else None,
-                      callbacks=callbacks, state_path=spec.state_path)
+                      callbacks=callbacks, state_path=spec.state_path,
+                      bank_dir=spec.cache_dir or default_cache_dir())
     if stop_hook is not None:
         stop_hook(trainer)
     started = time.time()

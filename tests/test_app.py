@@ -42,7 +42,7 @@ JOB_TIMEOUT = 90.0
 CANCEL_SECONDS = 2.0
 JOB_SETTINGS = {"teacher": "teacher", "student": "camnet", "data": None, "ce": 0.5, "kd": 0.5, "feature": 0,
                 "cam": 0, "temperature": 4, "epochs": 1, "lr": 0.05, "batch_size": 32, "seed": 0, "limit": 48,
-                "name": ""}
+                "teacher_views": 0, "name": ""}
 
 
 # -- a tiny bench: data, checkpoints, a server -----------------------------------------------------
@@ -360,6 +360,9 @@ def test_explain_refuses_names_outside_the_checkpoints_folder(client, teacher, s
     pytest.param({"temperature": -2}, r"^temperature must be a number > 0, got -2", id="negative-T"),
     pytest.param({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$", id="batch-0"),
     pytest.param({"ce": 0, "kd": 0}, r"^weights: at least one loss weight must be positive$", id="no-loss"),
+    pytest.param({"teacher_views": -1}, r"^teacher_views must be a whole number >= 0, got -1", id="views-negative"),
+    pytest.param({"teacher_views": 2, "feature": 1}, r"^teacher_views: the feature term reads the teacher's feature",
+                 id="views-with-feature"),
     pytest.param({"data": "folder:/no/such/data"}, r"Value: folder:/no/such/data is not in the list of choices",
                  id="data-not-offered"),
     pytest.param({"data": "missing"}, r"^data: '.*/gone' does not exist$", id="data-offered-but-gone"),

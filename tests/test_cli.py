@@ -55,6 +55,8 @@ CACHE = ["--cache-dir", "{workdir}/cache"]
     (["train", "--model", "camnet", "--data", "{data}", "--epochs", "-2", *CACHE], "error: epochs must be at least 1, got -2"),
     (["train", "--model", "camnet", "--data", "{data}", "--epochs", "0", *CACHE], "error: epochs must be at least 1, got 0"),
     (["train", "--data", "{data}"], "error: say which model to train: --model ARCH or --recipe NAME"),
+    (["distill", "--student", "camnet", "--teacher", "t.safetensors", "--kd", "1", "--teacher-views", "-1"],
+     "error: teacher views must not be negative, got -1"),
     (["distill", "--student", "camnet", "--teacher", "t.safetensors", "--kd", "1", "--temperature", "0"],
      "error: temperature T must be positive, got 0.0"),
     (["distill", "--student", "camnet", "--teacher", "t.safetensors", "--kd", "1", "-T", "-1"],
@@ -192,3 +194,18 @@ def test_list_markdown_table(capsys, workdir, folder_data):
                         f"{meta['metrics']['file_size'] / 1e6:.2f} MB | {meta['metrics']['test_top1']:.2f}% | ce | - | "
                         f"{meta['train_seconds'] / 60:.1f} min, 1 epochs | - | "
                         "`python -m kd_core train --recipe camnet-ce --epochs 1 --batch-size 16 --limit 40` |")
+
+
+def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, workdir, folder_data):
+    code, _, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "teacher"))
+    teacher_path = workdir / "ck" / "teacher.safetensors"
+    weights = []
+    for name in ("first", "second"):
+        code, out, _ = run_cli(capsys, "distill", "--student", "camnet", "--teacher", teacher_path, "--data", folder_data,
+                               "--ce", 0.5, "--kd", 0.5, "--cam", 1, "--teacher-views", 3, *common(workdir, name))
+        assert code == 0, out
+        meta = read_metadata(workdir / "ck" / f"{name}.safetensors")
+        assert meta["config"]["teacher_views"] == 3
+        weights.append(weights_sha256(load_checkpoint(workdir / "ck" / f"{name}.safetensors").model))
+    assert weights[0] == weights[1]  # same seed, same bank: the same student, bit for bit
+    assert len(list((workdir / "cache" / "teacher-banks").glob("*.safetensors"))) == 1

@@ -109,6 +109,16 @@ def test_a_job_runs_to_a_checkpoint_that_records_its_teacher(bench, manager):
         manager.resume(job["id"])
 
 
+def test_a_job_can_distil_from_a_teacher_bank(bench, manager):
+    job = manager.submit(job_spec(bench, weights={"ce": 0.5, "kd": 0.5, "cam": 1.0}, teacher_views=2, name="banked"))
+    job = wait_until(manager, job["id"], lambda job: job["state"] == "completed")
+    checkpoint = load_checkpoint(job["checkpoint"])
+    assert checkpoint.meta["config"]["teacher_views"] == 2 and checkpoint.meta["method"] == "ce+kd+cam"
+    assert [row["epoch"] for row in job["metrics"]] == [1, 2]
+    assert all(point["terms"]["kd"] > 0 and point["terms"]["cam"] > 0 for point in job["points"])
+    assert len(list((Path(bench.env["KD_CACHE_DIR"]) / "teacher-banks").glob("*.safetensors"))) == 1
+
+
 def test_one_job_at_a_time_and_cancel_stops_the_process_group_within_2_s(bench, manager):
     first = manager.submit(job_spec(bench, epochs=1000))
     second = manager.submit(job_spec(bench))
@@ -193,6 +203,7 @@ BAD_SPECS = [
     ({"data": "folder:/no/such/folder"}, "data"), ({"limit": 0}, "limit"), ({"lr": 0}, "lr"),
     ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"), ({"seed": -1}, "seed"),
     ({"name": "../evil"}, "name"), ({"teacher": None}, "teacher"), ({"colour": "red"}, "colour"),
+    ({"teacher_views": -1}, "teacher_views"), ({"teacher_views": 2, "weights": {"ce": 1, "feature": 1}}, "teacher_views"),
 ]
 
 

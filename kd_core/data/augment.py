@@ -23,11 +23,16 @@ class AugmentConfig:
         return cls(crop_padding=0, flip=False)
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Reflect-pad by ``padding`` and take a random H x W window per sample."""
+def crop_offsets(batch: int, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random ``(2, B)`` (row, column) window offsets in ``[0, 2 * padding]``."""
+    return torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device="cpu")
+
+
+def crop(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Reflect-pad by ``padding`` and take the H x W window at ``offsets`` ``(2, B)`` per sample."""
     batch, _, height, width = images.shape
     padded = F.pad(images, (padding,) * 4, mode="reflect")
-    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device="cpu").to(images.device)
+    offsets = offsets.to(images.device, torch.long)
     rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(width, device=images.device)   # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
@@ -35,9 +40,22 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator |
     return cropped.permute(0, 3, 1, 2)
 
 
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reflect-pad by ``padding`` and take a random H x W window per sample."""
+    return crop(images, padding, crop_offsets(len(images), padding, generator))
+
+
+def flip_where(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror the samples whose entry in the boolean ``flips`` ``(B,)`` is set."""
+    return torch.where(flips.to(images.device)[:, None, None, None], images.flip(3), images)
+
+
+def flip_draws(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.rand(batch, generator=generator) < 0.5
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return flip_where(images, flip_draws(len(images), generator))
 
 
 def random_rotation(images: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:

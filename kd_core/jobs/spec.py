@@ -32,6 +32,7 @@ class JobSpec:
     batch_size: int = 256
     seed: int = 0
     limit: int | None = None       # train on a random subset of this many images
+    teacher_views: int = 0         # 0: teacher at every step; N: a teacher bank of N views per image
     name: str | None = None        # checkpoint name; default <student>-<terms>, made unique
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +128,12 @@ def validate_spec(spec: JobSpec, checkpoints_dir: Path, data_sources: Sequence[s
         temperature=_positive("temperature", spec.temperature), epochs=_whole("epochs", spec.epochs, 1),
         lr=_positive("lr", spec.lr), batch_size=_whole("batch_size", spec.batch_size, 1),
         seed=_whole("seed", spec.seed, 0), limit=None if spec.limit is None else _whole("limit", spec.limit, 1),
-        name=spec.name)
+        teacher_views=_whole("teacher_views", spec.teacher_views, 0), name=spec.name)
+    reading = [term for term in checked.weights if getattr(LOSSES.get(term), "needs_teacher_features", False)
+               and LOSSES.get(term).needs_teacher]
+    if checked.teacher_views and reading:
+        raise ValueError(f"teacher_views: the {', '.join(reading)} term reads the teacher's feature maps, which a "
+                         "teacher bank does not keep; set teacher views to 0")
     train_config(checked).validate()
     return checked
 
@@ -136,7 +142,8 @@ def train_config(spec: JobSpec) -> TrainConfig:
     """The training settings of a job: the spec's values over ``TrainConfig``'s defaults (SGD with
     Nesterov momentum, cosine schedule, crop and flip augmentation, test evaluation every epoch)."""
     return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, limit=spec.limit,
-                       loss_weights=dict(spec.weights), temperature=spec.temperature)
+                       loss_weights=dict(spec.weights), temperature=spec.temperature,
+                       teacher_views=spec.teacher_views)
 
 
 def default_name(spec: JobSpec) -> str:

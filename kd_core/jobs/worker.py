@@ -48,6 +48,11 @@ class JobReporter(Callback):
         self._report(trainer, progress=done / trainer.config.epochs, epoch=done, step=0,
                      message=f"resumed after epoch {done}" if done else "training")
 
+    def on_bank_progress(self, trainer: Trainer, done: int, total: int) -> None:
+        if time.monotonic() - self.last_report >= REPORT_SECONDS or done == total:
+            self._report(trainer, progress=0.0, epoch=0, step=0,
+                         message=f"teacher on {trainer.config.teacher_views} views: {100 * done // total}%")
+
     def on_step_end(self, trainer: Trainer, info: StepInfo) -> None:
         self.window.append(info.losses)
         every = max(1, info.steps_per_epoch // POINTS_PER_EPOCH)

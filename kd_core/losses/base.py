@@ -21,9 +21,10 @@ from ..registry import Registry
 
 @dataclass
 class ModelOutput:
-    features: torch.Tensor  # (B, C, H, W): forward_features
-    logits: torch.Tensor    # (B, K): forward_head(features)
+    features: torch.Tensor | None  # (B, C, H, W): forward_features; None for a teacher read from a bank
+    logits: torch.Tensor           # (B, K): forward_head(features)
     model: Classifier
+    cams: torch.Tensor | None = None  # (B, h, w): a teacher bank's CAMs for the CAM term's classes
 
 
 @dataclass
@@ -47,6 +48,9 @@ LOSSES: Registry[nn.Module] = Registry("loss")
 
 class LossTerm(nn.Module):
     needs_teacher = True
+    # False when the term can learn from a teacher bank (logits and CAMs stored per view) instead of
+    # the teacher's live feature maps
+    needs_teacher_features = True
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -63,6 +67,11 @@ class Objective(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return any(term.needs_teacher for term in self.terms.values())
+
+    @property
+    def needs_teacher_features(self) -> list[str]:
+        """The terms that read the teacher's feature maps, so cannot learn from a teacher bank."""
+        return [name for name, term in self.terms.items() if term.needs_teacher and term.needs_teacher_features]
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}

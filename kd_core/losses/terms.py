@@ -34,6 +34,8 @@ class SoftTargetKD(LossTerm):
     same thing at every temperature.
     """
 
+    needs_teacher_features = False
+
     def __init__(self, context: LossContext | None = None, temperature: float = 4.0):
         super().__init__()
         if not temperature > 0:
@@ -90,8 +92,11 @@ class CamAlignment(LossTerm):
 
     Maps are taken for the teacher's predicted class (``target='teacher'``) or the label
     (``target='label'``), in torch (see :mod:`kd_core.cam`), scaled to [0, 1], resized to the larger
-    of the two sizes, and compared by L1 or MSE. The teacher's map is a constant target.
+    of the two sizes, and compared by L1 or MSE. The teacher's map is a constant target; a teacher
+    bank supplies it precomputed for the same classes.
     """
+
+    needs_teacher_features = False
 
     def __init__(self, context: LossContext, target: str = "teacher", distance: str = "l1"):
         super().__init__()
@@ -109,7 +114,10 @@ class CamAlignment(LossTerm):
         classes = teacher.logits.argmax(1) if self.target == "teacher" else outputs.labels
         student_maps = class_activation_map(student.model, student.features, classes,
                                             student.logits if student.features.requires_grad else None)
-        teacher_maps = class_activation_map(teacher.model, teacher.features.detach(), classes).detach()
+        if teacher.cams is not None:
+            teacher_maps = teacher.cams.float()
+        else:
+            teacher_maps = class_activation_map(teacher.model, teacher.features.detach(), classes).detach()
         size = max(student_maps.shape[-2:], teacher_maps.shape[-2:], key=lambda hw: hw[0] * hw[1])
         student_maps = normalize_maps(resize_maps(student_maps, size))
         teacher_maps = normalize_maps(resize_maps(teacher_maps, size))

@@ -29,6 +29,7 @@ class EpochInfo:
 
 
 class Callback:
+    def on_bank_progress(self, trainer: "Trainer", done: int, total: int) -> None: ...  # teacher bank batches
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def on_step_end(self, trainer: "Trainer", info: StepInfo) -> None: ...
     def on_epoch_end(self, trainer: "Trainer", info: EpochInfo) -> None: ...
@@ -52,6 +53,17 @@ class TqdmProgress(Callback):
     def __init__(self, stream=None) -> None:
         self.bar = None
         self.stream = stream
+
+    def on_bank_progress(self, trainer: "Trainer", done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=f"teacher on {trainer.config.teacher_views} views", leave=False,
+                            dynamic_ncols=True)
+        self.bar.update(1)
+        if done == total:
+            self.bar.close()
+            self.bar = None
 
     def on_step_end(self, trainer: "Trainer", info: StepInfo) -> None:
         from tqdm import tqdm

@@ -39,6 +39,9 @@ class TrainConfig:
     cam_target: str = "teacher"     # teacher | label
     cam_distance: str = "l1"        # l1 | mse
     feature_spatial: str = "pool"   # pool | resize
+    # 0: run the teacher at every step; N: run it once on N augmented views of every training image
+    # and train on those views (see kd_core.training.teacher_bank)
+    teacher_views: int = 0
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first impossible value."""
@@ -57,6 +60,7 @@ class TrainConfig:
             (self.ema_every >= 1, f"EMA interval must be at least 1, got {self.ema_every}"),
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.eval_every >= 0, f"eval interval must not be negative, got {self.eval_every}"),
+            (self.teacher_views >= 0, f"teacher views must not be negative, got {self.teacher_views}"),
             (self.temperature > 0, f"temperature T must be positive, got {self.temperature}"),
             (self.cam_target in ("teacher", "label"), f"CAM target must be teacher or label, got {self.cam_target!r}"),
             (self.cam_distance in ("l1", "mse"), f"CAM distance must be l1 or mse, got {self.cam_distance!r}"),

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 
+from ..checkpoint import weights_sha256
 from ..data import BatchLoader, DataBundle
 from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
@@ -22,6 +23,7 @@ from .callbacks import Callback, EpochInfo, StepInfo
 from .config import TrainConfig
 from .schedule import lr_factor
 from .state import load_state, read_state_info, save_state
+from .teacher_bank import BankLoader, TeacherTargets, bank_key, build_bank, check_augment, load_or_build_bank
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -74,7 +76,9 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     def __init__(self, model: Classifier, data: DataBundle, config: TrainConfig,
                  teacher: Classifier | None = None, callbacks: Iterable[Callback] = (),
-                 state_path: str | Path | None = None):
+                 state_path: str | Path | None = None, bank_dir: str | Path | None = None):
+        """``bank_dir``: where teacher banks are kept for reuse (``config.teacher_views > 0``);
+        None keeps them in memory only."""
         self.config = config.validate()
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(self.device, config.amp)
@@ -90,6 +94,10 @@ class Trainer:
         self.train_loader = BatchLoader(self.train_split, config.batch_size, data.mean, data.std, shuffle=True,
                                         augment=config.augment, drop_last=drop_last, device=self.device,
                                         seed=config.seed, channels_last=config.channels_last)
+        self.uses_bank = self.teacher is not None and config.teacher_views > 0 and self.objective.needs_teacher
+        if self.uses_bank:
+            self._check_bank_usable()
+        self.bank_dir = bank_dir
         self.optimizer = self._build_optimizer()
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -117,6 +125,36 @@ class Trainer:
                                    nesterov=config.nesterov and config.momentum > 0)
         optimizer_class = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
         return optimizer_class(groups, lr=config.lr)
+
+    def _check_bank_usable(self) -> None:
+        reading = self.objective.needs_teacher_features
+        if reading:
+            raise ValueError(f"loss terms {', '.join(reading)} read the teacher's feature maps, which a teacher "
+                             "bank does not keep; use --teacher-views 0 with them")
+        check_augment(self.config.augment)
+
+    def _use_bank(self) -> None:
+        """Build (or load) the teacher bank and train on its views from now on. A stop asked for
+        during the build abandons it (the training loop then stops before its first step)."""
+        config = self.config
+        # maps are kept whenever the teacher has them, so runs with and without the CAM term share a bank
+        cam_target = config.cam_target if self.teacher.cam_layer is not None else None
+        key = bank_key(weights_sha256(self.teacher), self.train_split, config.augment, config.teacher_views,
+                       cam_target, config.seed)
+
+        def build():
+            return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
+                              config.teacher_views, cam_target, seed=config.seed, device=self.device,
+                              channels_last=config.channels_last, autocast=self._autocast,
+                              progress=lambda done, total: self._emit("on_bank_progress", done, total),
+                              should_stop=lambda: self.stop_requested)
+
+        bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
+        if bank is None:
+            return
+        self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,
+                                       drop_last=self.train_loader.drop_last, device=self.device, seed=config.seed,
+                                       channels_last=config.channels_last)
 
     def _maybe_init_from_data(self) -> None:
         init = getattr(self.model, "init_from_data", None)
@@ -181,12 +219,15 @@ class Trainer:
             group["lr"] = self.config.lr * factor * group["lr_scale"]
         return self.config.lr * factor
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                    banked: TeacherTargets | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         with self._autocast():
             features = self.model.forward_features(images)         # (B, C, H, W)
             logits = self.model.forward_head(features)             # (B, K)
             teacher_output = None
-            if self.teacher is not None and self.objective.needs_teacher:
+            if banked is not None:
+                teacher_output = ModelOutput(None, banked.logits, self.teacher, banked.cams)
+            elif self.teacher is not None and self.objective.needs_teacher:
                 with torch.no_grad():
                     teacher_features = self.teacher.forward_features(images)
                     teacher_output = ModelOutput(teacher_features, self.teacher.forward_head(teacher_features),
@@ -220,6 +261,8 @@ class Trainer:
                 "test_loss": torch.nn.functional.cross_entropy(logits, labels).item()}
 
     def fit(self, resume: bool = True) -> TrainResult:
+        if self.uses_bank and not isinstance(self.train_loader, BankLoader):
+            self._use_bank()
         if not (resume and self.resume()):
             self._maybe_init_from_data()
             if self.ema is not None:
@@ -235,9 +278,9 @@ class Trainer:
             self.objective.train()
             sums: dict[str, float] = {}
             correct = seen = 0
-            for step, (images, labels) in enumerate(self.train_loader):
+            for step, (images, labels, *banked) in enumerate(self.train_loader):
                 lr = self._set_lr()
-                losses, logits = self._train_step(images, labels)
+                losses, logits = self._train_step(images, labels, *banked)
                 self.global_step += 1
                 if self.ema is not None and self.global_step % self.config.ema_every == 0:
                     self._update_ema()

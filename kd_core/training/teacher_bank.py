@@ -1,0 +1,188 @@
+"""The teacher's outputs on a fixed set of augmented views of every training image.
+
+Distilling from a large teacher on a CPU is dominated by the teacher's forward pass: airnet's costs
+about a hundred times a camnet student's. A bank runs it once per view, the way FKD (Shen & Xing,
+"A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022) stores soft labels of
+random crops: for each of ``views`` random (crop, flip) draws per training image it keeps the crop
+offsets, the flip, the teacher's logits and, for the CAM term, the teacher's class activation map.
+The student then trains on exactly those views, so its KD and CAM targets are the teacher's outputs
+for the very image it sees; what changes is only that an image offers ``views`` views instead of a
+fresh draw every epoch.
+
+A bank is saved in the cache folder under a key of the teacher's weights, the training images, the
+augmentation, the views, the CAM target and the seed, so the runs of a study share one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..cam import class_activation_map
+from ..data import AugmentConfig, BatchLoader, normalize
+from ..data.augment import crop, crop_offsets, flip_draws, flip_where
+from ..data.sources import Split
+from ..models import Classifier
+
+BANK_VERSION = 1
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's outputs for one batch, read from a bank."""
+    logits: torch.Tensor          # (B, K)
+    cams: torch.Tensor | None     # (B, h, w): maps for the classes the CAM term targets
+
+
+@dataclass
+class TeacherBank:
+    padding: int                  # crop padding the offsets refer to (0: no crops)
+    offsets: torch.Tensor         # (V, 2, N) uint8: row, column of each view's window
+    flips: torch.Tensor           # (V, N) bool
+    logits: torch.Tensor          # (V, N, K) float32
+    cams: torch.Tensor | None     # (V, N, h, w) float32, or None without a CAM term
+
+    @property
+    def views(self) -> int:
+        return self.logits.shape[0]
+
+    def view_images(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` -> their views ``view`` ``(B,)``."""
+        if self.padding > 0:
+            images = crop(images, self.padding, self.offsets[view, :, index].T)
+        return flip_where(images, self.flips[view, index])
+
+    def targets(self, index: torch.Tensor, view: torch.Tensor, device: torch.device) -> TeacherTargets:
+        cams = self.cams[view, index].to(device) if self.cams is not None else None
+        return TeacherTargets(self.logits[view, index].to(device), cams)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"offsets": self.offsets, "flips": self.flips.to(torch.uint8), "logits": self.logits}
+        if self.cams is not None:
+            tensors["cams"] = self.cams
+        return tensors
+
+
+def check_augment(augment: AugmentConfig | None) -> AugmentConfig:
+    """A bank reproduces crops and flips; other transforms would change the image the teacher saw."""
+    augment = augment or AugmentConfig.none()
+    if augment.rotation > 0 or augment.color_jitter > 0 or augment.cutout > 0:
+        raise ValueError("teacher views reproduce crop and flip augmentation only; "
+                         "turn off rotation, colour jitter and cutout, or use --teacher-views 0")
+    return augment
+
+
+def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: int, cam_target: str | None,
+             seed: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views,
+                              cam_target, seed]).encode())
+    digest.update(split.images.contiguous().numpy().tobytes())
+    digest.update(split.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Sequence[float],
+               augment: AugmentConfig, views: int, cam_target: str | None = None, seed: int = 0,
+               batch_size: int = 500, device: torch.device | str = "cpu", channels_last: bool = False,
+               autocast: Callable | None = None, progress: Callable[[int, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> TeacherBank | None:
+    """Run the frozen ``teacher`` on ``views`` random views of every image of ``split``.
+
+    ``cam_target``: ``'teacher'`` (maps for the teacher's predicted class), ``'label'``, or None (no
+    maps). ``progress(done, total)`` is called after each batch; when ``should_stop()`` turns true
+    the build is abandoned and None returned.
+    """
+    if views < 1:
+        raise ValueError(f"teacher views must be at least 1, got {views}")
+    augment = check_augment(augment)
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    count = len(split)
+    padding = augment.crop_padding
+    offsets = torch.stack([crop_offsets(count, padding, generator) if padding else torch.zeros(2, count, dtype=torch.long)
+                           for _ in range(views)]).to(torch.uint8)                  # (V, 2, N)
+    flips = torch.stack([flip_draws(count, generator) if augment.flip else torch.zeros(count, dtype=torch.bool)
+                         for _ in range(views)])                                     # (V, N)
+    bank = TeacherBank(padding, offsets, flips, torch.empty(0), None)
+    logits, cams = [], []
+    batches = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    total, done = views * len(batches), 0
+    for view in range(views):
+        for index in batches:
+            images = split.images[index].to(device).float().div_(255)
+            images = bank.view_images(images, index, torch.full_like(index, view))
+            images = normalize(images, mean, std)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):  # as in training
+                features = teacher.forward_features(images)
+                batch_logits = teacher.forward_head(features).float()
+                if cam_target is not None:
+                    classes = batch_logits.argmax(1) if cam_target == "teacher" else split.labels[index].to(device)
+                    cams.append(class_activation_map(teacher, features, classes).float().cpu())
+            logits.append(batch_logits.cpu())
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if should_stop is not None and should_stop():
+                return None
+    bank.logits = torch.cat(logits).view(views, count, -1)
+    if cam_target is not None:
+        maps = torch.cat(cams)
+        bank.cams = maps.view(views, count, *maps.shape[1:])
+    return bank
+
+
+def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Callable[[], TeacherBank | None],
+                       padding: int) -> TeacherBank | None:
+    """The bank saved under ``key`` in ``cache_dir``, else ``build()`` and save it (atomically).
+    ``cache_dir=None`` keeps the bank in memory only. A damaged file is rebuilt, never trusted; an
+    abandoned build (None) is not saved."""
+    path = Path(cache_dir) / "teacher-banks" / f"{key}.safetensors" if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            tensors = load_file(path)
+            return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
+                               tensors.get("cams"))
+        except Exception:
+            path.unlink(missing_ok=True)
+    bank = build()
+    if bank is not None and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(bank.tensors(), str(temporary), metadata={"version": str(BANK_VERSION)})
+        os.replace(temporary, path)
+    return bank
+
+
+class BankLoader(BatchLoader):
+    """Batches ``(images, labels, TeacherTargets)``: each sample shows one of its bank's views,
+    drawn anew every epoch."""
+
+    def __init__(self, split: Split, bank: TeacherBank, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 drop_last: bool = False, device: torch.device | str = "cpu", seed: int = 0,
+                 channels_last: bool = False):
+        super().__init__(split, batch_size, mean, std, shuffle=True, augment=None, drop_last=drop_last,
+                         device=device, seed=seed, channels_last=channels_last)
+        self.bank = bank
+
+    def __iter__(self):
+        count = len(self.split)
+        order = torch.randperm(count, generator=self.generator)
+        for batch_index in range(len(self)):
+            index = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
+            view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)
+            images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
+            images = normalize(self.bank.view_images(images, index, view), self.mean, self.std)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = self.split.labels[index].to(self.device, non_blocking=True)
+            yield images, labels, self.bank.targets(index, view, self.device)

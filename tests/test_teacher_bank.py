@@ -1,0 +1,188 @@
+"""Teacher banks: the stored targets are exactly the live teacher's outputs on the views the student
+sees, banks are reused from the cache folder, and the trainer refuses what a bank cannot serve."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_bundle
+from kd_core import models
+from kd_core.cam import class_activation_map
+from kd_core.data import AugmentConfig, normalize
+from kd_core.data.augment import crop
+from kd_core.training import Callback, TrainConfig, Trainer, freeze
+from kd_core.training.teacher_bank import BankLoader, bank_key, build_bank, load_or_build_bank
+
+
+def teacher(arch="resnet8", seed=1) -> models.Classifier:
+    torch.manual_seed(seed)
+    return freeze(models.create(arch, num_classes=2, **({"input_size": 16} if arch == "lightnn" else {})))
+
+
+def student(seed=0) -> models.Classifier:
+    torch.manual_seed(seed)
+    return models.create("camnet", num_classes=2)
+
+
+AUGMENT = AugmentConfig(crop_padding=2, flip=True)
+
+
+@pytest.mark.parametrize("arch, cam_target", [("resnet8", "teacher"), ("resnet8", "label"), ("lightnn", "teacher")])
+def test_bank_targets_are_the_live_teachers_outputs_on_the_views_the_student_sees(arch, cam_target):
+    """resnet8 has a GAP + linear head (original CAM); lightnn a flatten head (Grad-CAM)."""
+    data = synthetic_bundle(train_size=40)
+    model = teacher(arch)
+    bank = build_bank(model, data.train, data.mean, data.std, AUGMENT, views=3, cam_target=cam_target,
+                      seed=5, batch_size=16)
+    assert bank.logits.shape == (3, 40, 2) and bank.offsets.shape == (3, 2, 40) and bank.flips.shape == (3, 40)
+    assert bank.offsets.max() <= 4 and bank.flips.any() and not bank.flips.all()
+    loader = BankLoader(data.train, bank, 8, data.mean, data.std, seed=2)
+    batches = list(loader)
+    assert sum(len(labels) for _, labels, _ in batches) == 40
+    for images, labels, targets in batches[:2]:
+        live_logits = model(images)
+        classes = live_logits.argmax(1) if cam_target == "teacher" else labels
+        live_cams = class_activation_map(model, model.forward_features(images), classes)
+        torch.testing.assert_close(targets.logits, live_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(targets.cams, live_cams, atol=1e-5, rtol=1e-5)
+
+
+def test_a_banked_view_is_the_stored_crop_and_flip_of_the_image():
+    data = synthetic_bundle(train_size=12)
+    bank = build_bank(teacher(), data.train, data.mean, data.std, AUGMENT, views=2, seed=0)
+    index, view = torch.arange(12), torch.tensor([0, 1] * 6)
+    images = data.train.images.float() / 255
+    viewed = bank.view_images(images, index, view)
+    for sample in range(12):
+        offsets = bank.offsets[view[sample], :, sample].long()[:, None]
+        expected = crop(images[sample:sample + 1], 2, offsets)
+        if bank.flips[view[sample], sample]:
+            expected = expected.flip(3)
+        assert torch.equal(viewed[sample:sample + 1], expected)
+    assert bank.cams is None  # no CAM target: no maps
+
+
+def test_views_are_drawn_anew_each_epoch_from_the_bank_only():
+    data = synthetic_bundle(train_size=16)
+    bank = build_bank(teacher(), data.train, data.mean, data.std, AUGMENT, views=2, seed=0)
+    loader = BankLoader(data.train, bank, 16, data.mean, data.std, seed=0)
+    model = teacher()
+    seen = set()
+    for _ in range(6):
+        (images, _, targets), = list(loader)
+        seen.add(targets.logits.sum().item())
+        torch.testing.assert_close(targets.logits, model(images), atol=1e-5, rtol=1e-5)
+    assert len(seen) > 1  # epochs differ in order and views
+
+
+def test_banks_are_saved_and_reused(tmp_path):
+    data = synthetic_bundle(train_size=16)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return build_bank(teacher(), data.train, data.mean, data.std, AUGMENT, views=2, cam_target="teacher")
+
+    first = load_or_build_bank(tmp_path, "key", build, padding=2)
+    second = load_or_build_bank(tmp_path, "key", build, padding=2)
+    assert len(calls) == 1
+    for name, tensor in first.tensors().items():
+        assert torch.equal(second.tensors()[name], tensor), name
+    (saved,) = (tmp_path / "teacher-banks").glob("*.safetensors")
+    saved.write_bytes(b"not a safetensors file")
+    load_or_build_bank(tmp_path, "key", build, padding=2)
+    assert len(calls) == 2  # a damaged bank is rebuilt, never trusted
+    assert not list((tmp_path / "teacher-banks").glob("*.tmp*"))
+
+
+def test_bank_key_names_everything_the_targets_depend_on():
+    data = synthetic_bundle(train_size=16)
+    base = dict(teacher_weights="abc", split=data.train, augment=AUGMENT, views=4, cam_target="teacher", seed=0)
+    key = bank_key(**base)
+    assert bank_key(**base) == key
+    changes = [{"teacher_weights": "abd"}, {"split": data.train.subset(8, seed=0)}, {"views": 5},
+               {"augment": AugmentConfig(crop_padding=3)}, {"cam_target": None}, {"seed": 1}]
+    assert len({bank_key(**{**base, **change}) for change in changes} | {key}) == len(changes) + 1
+
+
+class BankWatcher(Callback):
+    def __init__(self):
+        self.progress = []
+
+    def on_bank_progress(self, trainer, done, total):
+        self.progress.append((done, total))
+
+
+def test_trainer_distils_from_a_bank_and_reuses_it(tmp_path):
+    data = synthetic_bundle(train_size=64)
+    settings = TrainConfig(epochs=3, batch_size=16, lr=0.05, augment=AUGMENT, teacher_views=2,
+                           loss_weights={"ce": 0.5, "kd": 0.5, "cam": 1.0})
+    watcher = BankWatcher()
+    trainer = Trainer(student(), data, settings, teacher=teacher(), callbacks=[watcher], bank_dir=tmp_path)
+    result = trainer.fit()
+    assert isinstance(trainer.train_loader, BankLoader) and trainer.train_loader.bank.cams is not None
+    assert watcher.progress[-1] == (2, 2)  # 2 views x one batch of 500
+    assert all(info.train["kd"] > 0 and info.train["cam"] > 0 for info in result.history)
+    assert result.history[-1].train["loss"] < result.history[0].train["loss"]
+    again = BankWatcher()
+    second = Trainer(student(), data, settings, teacher=teacher(), callbacks=[again], bank_dir=tmp_path).fit()
+    assert again.progress == []  # loaded from the cache folder
+    assert [info.train["loss"] for info in second.history] == [info.train["loss"] for info in result.history]
+
+
+def test_stop_and_resume_with_a_bank_equals_an_uninterrupted_run(tmp_path):
+    data = synthetic_bundle(train_size=64)
+    settings = TrainConfig(epochs=3, batch_size=16, lr=0.05, augment=AUGMENT, teacher_views=2,
+                           loss_weights={"ce": 0.5, "kd": 0.5})
+    straight = Trainer(student(), data, settings, teacher=teacher(), bank_dir=tmp_path).fit()
+
+    class StopAfterFirstEpoch(Callback):
+        def on_epoch_end(self, trainer, info):
+            trainer.request_stop()
+
+    state = tmp_path / "run.safetensors"
+    Trainer(student(), data, settings, teacher=teacher(), callbacks=[StopAfterFirstEpoch()], state_path=state,
+            bank_dir=tmp_path).fit()
+    resumed = Trainer(student(seed=9), data, settings, teacher=teacher(), state_path=state, bank_dir=tmp_path).fit()
+    assert [info.train["loss"] for info in resumed.history] == [info.train["loss"] for info in straight.history]
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss_weights": {"ce": 0.5, "kd": 0.5, "feature": 1.0}}, "feature read the teacher's feature maps"),
+    ({"augment": AugmentConfig(crop_padding=2, rotation=10)}, "crop and flip augmentation only"),
+    ({"augment": AugmentConfig(crop_padding=2, cutout=4)}, "crop and flip augmentation only"),
+])
+def test_trainer_refuses_what_a_bank_cannot_serve(overrides, message):
+    settings = TrainConfig(epochs=1, batch_size=16, teacher_views=2, **{"loss_weights": {"ce": 0.5, "kd": 0.5},
+                                                                        **overrides})
+    with pytest.raises(ValueError, match=message):
+        Trainer(student(), synthetic_bundle(), settings, teacher=teacher())
+
+
+def test_cross_entropy_alone_ignores_teacher_views():
+    settings = TrainConfig(epochs=1, batch_size=16, teacher_views=2, loss_weights={"ce": 1.0})
+    trainer = Trainer(student(), synthetic_bundle(), settings, teacher=teacher())
+    trainer.fit()
+    assert not isinstance(trainer.train_loader, BankLoader)
+
+
+def test_teacher_views_must_not_be_negative():
+    with pytest.raises(ValueError, match="teacher views must not be negative"):
+        TrainConfig(teacher_views=-1).validate()
+
+
+def test_a_stop_during_the_bank_build_abandons_it_and_trains_nothing(tmp_path):
+    class StopAtFirstBatch(BankWatcher):
+        def on_bank_progress(self, trainer, done, total):
+            super().on_bank_progress(trainer, done, total)
+            trainer.request_stop()
+
+    settings = TrainConfig(epochs=2, batch_size=16, teacher_views=3, loss_weights={"ce": 0.5, "kd": 0.5})
+    watcher = StopAtFirstBatch()
+    trainer = Trainer(student(), synthetic_bundle(), settings, teacher=teacher(), callbacks=[watcher], bank_dir=tmp_path)
+    result = trainer.fit()
+    assert result.stopped and result.epochs_done == 0 and trainer.global_step == 0
+    assert watcher.progress == [(1, 3)]
+    assert not (tmp_path / "teacher-banks").exists() or not list((tmp_path / "teacher-banks").iterdir())

@@ -1,4 +1,11 @@
-"""Latency benchmarks for the dashboard.
+"""Benchmarks: the dashboard's latency and the cost of a distillation step.
+
+    python -m kd_core.bench distill --teacher CHECKPOINT --student ARCH [--kd 0.75 --cam 1] \
+        [--batch-size 256] [--steps 20] [--views 8] [--epochs 20] [--threads 2]
+
+times training steps of one distillation two ways, with the teacher run at every step and with a
+teacher bank (``--teacher-views``), plus the bank's build, on random images of the teacher's input
+size, and prints what a run of ``--epochs`` epochs over 50,000 images costs each way.
 
     python -m kd_core.bench explain --checkpoints DIR --teacher NAME --student NAME \\
         [--method gradcam] [--repeats 30] [--threads 1] [--image PATH]
@@ -25,7 +32,11 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits  # installed with grad-cam (through scikit-learn)
 
+from . import models
+from .checkpoint import load_checkpoint
+from .data import AugmentConfig, DataBundle, Split
 from .explain import ModelCache, cam_methods, explain
+from .training import Callback, TrainConfig, Trainer
 
 
 def bench_explain(checkpoint_dir: str | Path, teacher: str, student: str, image: str | Path,
@@ -46,6 +57,61 @@ def bench_explain(checkpoint_dir: str | Path, teacher: str, student: str, image:
             "min_ms": float(min(timings))}
 
 
+BANK_BATCH = 500  # build_bank's default batch size
+
+
+class _StepTimer(Callback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.bank_started: float | None = None
+        self.bank_seconds = 0.0
+
+    def on_bank_progress(self, trainer, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.bank_started is None:  # timing starts after the first batch, a warm-up
+            self.bank_started = now
+        self.bank_seconds = now - self.bank_started
+
+    def on_train_start(self, trainer) -> None:
+        self.stamps = [time.perf_counter()]
+
+    def on_step_end(self, trainer, info) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, float], batch_size: int = 256,
+                  steps: int = 20, views: int = 8, warmup: int = 3, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per training step with the live teacher and with a bank, and per image-view of
+    the bank's build (medians over ``steps`` steps after ``warmup``)."""
+    if steps < 1 or views < 1 or batch_size < 1:
+        raise ValueError("steps, views and batch size must be at least 1")
+    teacher = load_checkpoint(teacher_path)
+    channels, height, width = teacher.meta["data"]["input_size"]
+    classes = teacher.classes
+    generator = torch.Generator().manual_seed(seed)
+    count = batch_size * (steps + warmup)
+
+    def split(size: int) -> Split:
+        return Split(torch.randint(0, 256, (size, channels, height, width), generator=generator, dtype=torch.uint8),
+                     torch.randint(0, len(classes), (size,), generator=generator))
+
+    data = DataBundle("random", split(count), split(batch_size), list(classes), teacher.mean, teacher.std)
+    result = {}
+    for mode, teacher_views in (("live", 0), ("banked", views)):
+        config = TrainConfig(epochs=1, batch_size=batch_size, lr=0.01, seed=seed, loss_weights=dict(weights),
+                             teacher_views=teacher_views, augment=AugmentConfig(crop_padding=2, flip=True))
+        torch.manual_seed(seed)
+        model = models.create(student, **models.arch_args_for(student, len(classes), (channels, height, width)))
+        timer = _StepTimer()
+        Trainer(model, data, config, teacher=teacher.model, callbacks=[timer]).fit()
+        gaps = np.diff(timer.stamps)[warmup:]
+        result[f"{mode}_step_ms"] = float(1000 * np.median(gaps))
+        if teacher_views:
+            timed_image_views = count * teacher_views - min(count, BANK_BATCH)
+            result["bank_ms_per_image_view"] = 1000 * timer.bank_seconds / timed_image_views
+    return result
+
+
 def synthetic_photo(width: int = 1024, height: int = 768) -> Image.Image:
     """A smooth colour gradient with a bright disc: photo-sized, deterministic, compressible."""
     rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -54,9 +120,40 @@ def synthetic_photo(width: int = 1024, height: int = 768) -> Image.Image:
     return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
 
 
+def _print_distill(args: argparse.Namespace) -> int:
+    weights = {term: getattr(args, term) for term in ("ce", "kd", "cam") if getattr(args, term) > 0}
+    try:
+        result = bench_distill(args.teacher, args.student, weights, args.batch_size, args.steps, args.views)
+    except (ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    images, epochs, views = 50_000, args.epochs, args.views
+    steps = images / args.batch_size
+    live = epochs * steps * result["live_step_ms"] / 60_000
+    build = images * views * result["bank_ms_per_image_view"] / 60_000
+    banked = epochs * steps * result["banked_step_ms"] / 60_000
+    print(f"distill {Path(args.teacher).stem} -> {args.student} ({'+'.join(weights)}), batch {args.batch_size}, "
+          f"{args.threads} thread(s): live teacher {result['live_step_ms']:.0f} ms/step, "
+          f"banked {result['banked_step_ms']:.0f} ms/step, bank build "
+          f"{result['bank_ms_per_image_view']:.2f} ms per image-view")
+    print(f"{epochs} epochs of {images:,} images: live {live:.1f} min; {views}-view bank {build:.1f} min to build "
+          f"+ {banked:.1f} min to train = {build + banked:.1f} min ({live / (build + banked):.1f}x)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_core.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    distill = commands.add_parser("distill", help="cost of a distillation step, live teacher vs teacher bank")
+    distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
+    distill.add_argument("--student", required=True, help="student architecture")
+    for term, default in (("ce", 0.25), ("kd", 0.75), ("cam", 0.0)):
+        distill.add_argument(f"--{term}", type=float, default=default, help=f"weight of the {term} term")
+    distill.add_argument("--batch-size", type=int, default=256)
+    distill.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
+    distill.add_argument("--views", type=int, default=8, help="teacher views of the bank (default 8)")
+    distill.add_argument("--epochs", type=int, default=20, help="epochs of the run to cost (default 20)")
+    distill.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bench = commands.add_parser("explain", help="latency of one Explain-tab call (teacher + student)")
     bench.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder")
     bench.add_argument("--teacher", required=True, help="teacher checkpoint name (file stem)")
@@ -68,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.command == "distill":
+        return _print_distill(args)
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory() as scratch:
         image, label = args.image, str(args.image)
         if image is None:
@@ -90,3 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -2,7 +2,6 @@
 float32, write a self-describing checkpoint. The CLI and the dashboard's job runner call this."""
 from __future__ import annotations
 
-import inspect
 import platform
 import time
 from dataclasses import dataclass, field
@@ -76,10 +75,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     if spec.teacher is not None:
         teacher = load_checkpoint(spec.teacher)
         check_compatible(teacher, data)
-    channels = data.input_shape[0]
-    arch_args = {"num_classes": len(data.classes), "in_channels": channels, **spec.arch_args}
-    if "input_size" in inspect.signature(models.MODELS.get(spec.arch)).parameters:  # flatten-head models
-        arch_args.setdefault("input_size", data.input_shape[-1])
+    arch_args = models.arch_args_for(spec.arch, len(data.classes), data.input_shape, **spec.arch_args)
     seed_everything(spec.config.seed)  # the student's initial weights are part of a reproducible run
     model = models.create(spec.arch, **arch_args)
     trainer = Trainer(model, data, spec.config, teacher=teacher.model if teacher else None,

@@ -358,9 +358,17 @@ def _markdown_table(rows: list[dict]) -> str:
             f"| {row['name']} | {meta.get('role', '?')} | {metrics.get('params', 0):,} | {metrics.get('macs', 0) / 1e6:.1f} M "
             f"| {row['file_size'] / 1e6:.2f} MB | {metrics.get('test_top1', float('nan')):.2f}% | {meta.get('method', '?')} "
             f"| {(meta.get('teacher') or {}).get('name', '-')} "
-            f"| {meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs "
+            f"| {_training_time(meta)} "
             f"| {'-' if latency is None else f'{latency:.2f} ms'} | {f'`{command}`' if command else '-'} |")
     return "\n".join(lines)
+
+
+def _training_time(meta: dict) -> str:
+    """``8.5 min, 20 epochs`` (+ the teacher bank's build when the run made one)."""
+    text = f"{meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs"
+    if meta.get("teacher_bank_seconds"):
+        text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({meta['config']['teacher_views']} views)"
+    return text
 
 
 def _recipes(args: argparse.Namespace) -> int:

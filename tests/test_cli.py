@@ -209,3 +209,10 @@ def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, 
         weights.append(weights_sha256(load_checkpoint(workdir / "ck" / f"{name}.safetensors").model))
     assert weights[0] == weights[1]  # same seed, same bank: the same student, bit for bit
     assert len(list((workdir / "cache" / "teacher-banks").glob("*.safetensors"))) == 1
+    built, reused = (read_metadata(workdir / "ck" / f"{name}.safetensors") for name in ("first", "second"))
+    assert built["teacher_bank_seconds"] > 0 and reused["teacher_bank_seconds"] == 0
+    code, out, _ = run_cli(capsys, "list", workdir / "ck", "--markdown")
+    first_row = next(line for line in out.splitlines() if line.startswith("| first |"))
+    second_row = next(line for line in out.splitlines() if line.startswith("| second |"))
+    assert f"{built['teacher_bank_seconds'] / 60:.1f} min teacher bank (3 views)" in first_row
+    assert "teacher bank" not in second_row

@@ -37,3 +37,16 @@ def test_shipped_checkpoint_matches_its_recorded_accuracy(row, real_cifar):
     logits = predict(checkpoint.model, real_cifar.test.images, checkpoint.mean, checkpoint.std)
     report = classification_report(logits, real_cifar.test.labels)
     assert abs(report["top1"] - meta["metrics"]["test_top1"]) <= 0.1, (report["top1"], meta["metrics"]["test_top1"])
+
+
+def test_shipped_students_come_from_the_shipped_teachers():
+    """A student's recorded teacher is shipped beside it with the very weights it was distilled from
+    (metadata such as speed measurements may have been added to the teacher's file since)."""
+    from kd_core.checkpoint import weights_sha256
+
+    shipped = {Path(row["path"]).name: row["path"] for row in ROWS}
+    pairs = [(row["name"], row["meta"]["teacher"]) for row in ROWS if row.get("meta", {}).get("teacher")]
+    for name, teacher in pairs:
+        assert teacher["file"] in shipped, f"{name}'s teacher {teacher['file']} is not shipped"
+        shipped_weights = weights_sha256(load_checkpoint(shipped[teacher["file"]]).model)
+        assert teacher.get("weights_sha256") == shipped_weights, f"{name} was distilled from other {teacher['file']} weights"

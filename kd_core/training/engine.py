@@ -66,6 +66,7 @@ class TrainResult:
     train_seconds: float
     stopped: bool = False
     epochs_done: int = 0
+    bank_seconds: float = 0.0             # building the teacher bank (0 when loaded or unused)
     extra: dict = field(default_factory=dict)
 
 
@@ -106,6 +107,7 @@ class Trainer:
         self.start_epoch, self.train_seconds, self.history = 0, 0.0, []
         self.global_step = 0
         self.stop_requested = False
+        self.bank_seconds = 0.0
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -149,7 +151,13 @@ class Trainer:
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
                               should_stop=lambda: self.stop_requested)
 
-        bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
+        def timed_build():
+            started = time.perf_counter()
+            built = build()
+            self.bank_seconds = time.perf_counter() - started
+            return built
+
+        bank = load_or_build_bank(self.bank_dir, key, timed_build, config.augment.crop_padding)
         if bank is None:
             return
         self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,
@@ -309,4 +317,4 @@ class Trainer:
         done = len(self.history)
         last_test = self.history[-1].test.get("test_top1") if self.history else None
         return TrainResult(self.evaluation_model(), self.history, last_test, self.train_seconds,
-                           stopped=self.stop_requested, epochs_done=done)
+                           stopped=self.stop_requested, epochs_done=done, bank_seconds=self.bank_seconds)

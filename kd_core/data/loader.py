@@ -43,16 +43,22 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         count = len(self.split)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
         for batch_index in range(len(self)):
-            index = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-            images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
-            labels = self.split.labels[index].to(self.device, non_blocking=True)
-            if self.augment is not None:
-                images = augment_batch(images, self.augment, self.generator)
-            images = normalize(images, self.mean, self.std)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, labels
+            yield self.batch(order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size])
+
+    def batch(self, index: torch.Tensor) -> tuple:
+        """``(images, labels)`` of the samples ``index``, augmented and normalized."""
+        images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
+        if self.augment is not None:
+            images = augment_batch(images, self.augment, self.generator)
+        return self.finish(images), self.split.labels[index].to(self.device, non_blocking=True)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] -> normalized, in the loader's memory format."""
+        images = normalize(images, self.mean, self.std)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images

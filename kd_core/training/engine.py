@@ -145,19 +145,16 @@ class Trainer:
                        cam_target, config.seed)
 
         def build():
-            return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
+            started = time.perf_counter()
+            bank = build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, device=self.device,
                               channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
                               should_stop=lambda: self.stop_requested)
-
-        def timed_build():
-            started = time.perf_counter()
-            built = build()
             self.bank_seconds = time.perf_counter() - started
-            return built
+            return bank
 
-        bank = load_or_build_bank(self.bank_dir, key, timed_build, config.augment.crop_padding)
+        bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
         if bank is None:
             return
         self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,

@@ -174,15 +174,9 @@ class BankLoader(BatchLoader):
                          device=device, seed=seed, channels_last=channels_last)
         self.bank = bank
 
-    def __iter__(self):
-        count = len(self.split)
-        order = torch.randperm(count, generator=self.generator)
-        for batch_index in range(len(self)):
-            index = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-            view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)
-            images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
-            images = normalize(self.bank.view_images(images, index, view), self.mean, self.std)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = self.split.labels[index].to(self.device, non_blocking=True)
-            yield images, labels, self.bank.targets(index, view, self.device)
+    def batch(self, index: torch.Tensor) -> tuple:
+        view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)
+        images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
+        images = self.finish(self.bank.view_images(images, index, view))
+        labels = self.split.labels[index].to(self.device, non_blocking=True)
+        return images, labels, self.bank.targets(index, view, self.device)

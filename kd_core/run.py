@@ -88,13 +88,19 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     if result.stopped:
         return result, None
     final = result.model.float().eval()
+    shipped_arch, shipped_args, trained_as = spec.arch, arch_args, None
+    if hasattr(final, "reparameterize"):  # trained in a richer form: ship the plain net it folds into
+        shipped_arch, shipped_args, final = final.reparameterize()
+        final = final.to(trainer.device).eval()
+        trained_as = {"arch": spec.arch, "arch_args": arch_args, "params": count_parameters(result.model)}
     report = evaluate_final(final, data, trainer.device)
     final = final.cpu().to(memory_format=torch.contiguous_format)
     meta = {
         "name": spec.name or spec.output.stem,
         "role": spec.role,
-        "arch": spec.arch,
-        "arch_args": arch_args,
+        "arch": shipped_arch,
+        "arch_args": shipped_args,
+        **({"trained_as": trained_as} if trained_as else {}),
         "data": {"source": spec.data, "classes": data.classes, "input_size": list(data.input_shape),
                  "mean": list(data.mean), "std": list(data.std), "train_size": len(trainer.train_split),
                  "test_size": len(data.test)},

@@ -41,8 +41,8 @@ def ablation_variants(config: TrainConfig, feature_weight: float = 1.0) -> list[
     """CE only, KD, CAM, KD + CAM, KD + feature, with the recipe's own weights.
 
     KD variants use the recipe's (ce, kd) mix; the CAM term uses the recipe's CAM weight (1 when the
-    recipe has none) beside plain cross-entropy when there is no KD. A teacher bank keeps no
-    feature maps, so the feature variant runs its teacher at every step.
+    recipe has none) beside plain cross-entropy when there is no KD. Every variant keeps the
+    recipe's teacher views (the feature variant's bank also stores the teacher's feature maps).
     """
     weights = config.loss_weights
     kd = weights.get("kd", 0.0) or 0.5
@@ -55,9 +55,7 @@ def ablation_variants(config: TrainConfig, feature_weight: float = 1.0) -> list[
         ("KD + CAM", {"ce": ce_with_kd, "kd": kd, "cam": cam}),
         ("KD + feature", {"ce": ce_with_kd, "kd": kd, "feature": feature_weight}),
     ]
-    return [Variant(label, replace(config, loss_weights={k: v for k, v in mix.items() if v > 0},
-                                   teacher_views=0 if "feature" in mix else config.teacher_views))
-            for label, mix in mixes]
+    return [Variant(label, replace(config, loss_weights={k: v for k, v in mix.items() if v > 0})) for label, mix in mixes]
 
 
 def temperature_variants(config: TrainConfig, temperatures: Iterable[float]) -> list[Variant]:

@@ -361,8 +361,6 @@ def test_explain_refuses_names_outside_the_checkpoints_folder(client, teacher, s
     pytest.param({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$", id="batch-0"),
     pytest.param({"ce": 0, "kd": 0}, r"^weights: at least one loss weight must be positive$", id="no-loss"),
     pytest.param({"teacher_views": -1}, r"^teacher_views must be a whole number >= 0, got -1", id="views-negative"),
-    pytest.param({"teacher_views": 2, "feature": 1}, r"^teacher_views: the feature term reads the teacher's feature",
-                 id="views-with-feature"),
     pytest.param({"data": "folder:/no/such/data"}, r"Value: folder:/no/such/data is not in the list of choices",
                  id="data-not-offered"),
     pytest.param({"data": "missing"}, r"^data: '.*/gone' does not exist$", id="data-offered-but-gone"),

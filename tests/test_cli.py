@@ -163,6 +163,25 @@ def test_train_distill_evaluate(capsys, workdir, folder_data):
     assert re.search(r"^student\s+camnet\s+student", out, re.M) and re.search(r"^teacher\s+lightnn\s+teacher", out, re.M)
 
 
+def test_reparameterized_student_ships_as_the_plain_net(capsys, workdir, folder_data):
+    """camnet_rep trains with BN and extra branches and is written as plain camnet weights whose
+    recorded accuracy the evaluate command reproduces; the training form is recorded too."""
+    code, _, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "teacher"))
+    assert code == 0
+    code, out, _ = run_cli(capsys, "distill", "--student", "camnet_rep", "--teacher", workdir / "ck" / "teacher.safetensors",
+                           "--data", folder_data, "--kd", 1, "--cam", 1, *common(workdir, "rep"))
+    assert code == 0, out
+    path = workdir / "ck" / "rep.safetensors"
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.meta["arch"] == "camnet" and checkpoint.meta["arch_args"] == {"num_classes": 3, "in_channels": 3}
+    assert checkpoint.meta["trained_as"]["arch"] == "camnet_rep" and checkpoint.meta["trained_as"]["params"] > 96_170
+    assert type(checkpoint.model).__name__ == "CamNet"
+    assert checkpoint.meta["metrics"]["params"] == 3 * 128 * 9 + 128 + 128 * 64 * 9 + 64 + 64 * 32 * 9 + 32 + 32 * 3 + 3
+    code, out, _ = run_cli(capsys, "evaluate", path, "--cache-dir", workdir / "cache", "--json")
+    (report,) = json.loads(out)
+    assert round(report["top1"], 2) == checkpoint.meta["metrics"]["test_top1"]
+
+
 def test_reproduce_command_names_every_difference_from_the_recipe():
     from kd_core.recipes import get, reproduce_command
 

@@ -25,6 +25,8 @@ PARAMETERS = {
     "mobilenet_v2": 2_236_682,
     "airnet": 1_972_792,
     "mlp": 3_676_682,
+    # trains in this form, ships as camnet: 3x3 + BN and 1x1 + BN branches per conv
+    "camnet_rep": 96_170 + 3 * 128 + 128 * 64 + 64 * 32 + 4 * (128 + 64 + 32) - (128 + 64 + 32),
 }
 # He et al. 2016, Table 6 (CIFAR-10), in millions
 PAPER_MILLIONS = {"resnet20": 0.27, "resnet32": 0.46, "resnet56": 0.85}
@@ -140,3 +142,58 @@ def test_airnet_flip_tta_averages_the_mirror_image_in_eval_mode_only():
         model.train()
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
     assert models.count_parameters(model) == models.count_parameters(models.create("airnet", widths=(8, 16, 16)))
+
+
+def _randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters, so folding has something to fold."""
+    torch.manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+    model.eval()
+
+
+@pytest.mark.parametrize("expand", [1, 3])
+def test_camnet_rep_folds_exactly_into_camnet(expand):
+    """The training form and the plain camnet it folds into compute the same function (eval mode),
+    features and logits alike, and the folded net has camnet's exact size."""
+    torch.manual_seed(0)
+    trained = models.create("camnet_rep", expand=expand)
+    _randomize_batchnorm(trained)
+    arch, args, plain = trained.reparameterize()
+    assert (arch, args) == ("camnet", {"num_classes": 10, "in_channels": 3})
+    assert type(plain) is type(models.create("camnet")) and not plain.training
+    assert models.count_parameters(plain) == PARAMETERS["camnet"]
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(x), trained.forward_features(x), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(x), trained(x), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.linear_cam_weight(), trained.linear_cam_weight())
+
+
+def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():
+    """Padding 0 and 1, stride 1 and 2: the folded 3x3 conv equals the two branches."""
+    from kd_core.models.reparam import RepConv3x3
+
+    for stride in (1, 2):
+        for padding in (0, 1):
+            block = RepConv3x3(4, 5, stride=stride, padding=padding, expand=2)
+            _randomize_block = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            with torch.no_grad():
+                for bn in _randomize_block:
+                    bn.running_mean.normal_()
+                    bn.running_var.uniform_(0.5, 2)
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.normal_()
+            block.eval()
+            x = torch.randn(2, 4, 11, 11)
+            weight, bias = block.fold()
+            folded = torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=padding)
+            torch.testing.assert_close(folded, block(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padding 0 or 1"):
+        RepConv3x3(4, 5, padding=2)

@@ -23,6 +23,7 @@ def test_ablation_variants_keep_the_recipes_weights():
         {"ce": 1.0}, {"ce": 0.25, "kd": 0.75}, {"ce": 1.0, "cam": 1.0},
         {"ce": 0.25, "kd": 0.75, "cam": 1.0}, {"ce": 0.25, "kd": 0.75, "feature": 2.0}]
     assert all(v.config.epochs == config.epochs and v.config.seed == config.seed for v in variants)
+    assert all(v.config.teacher_views == config.teacher_views == 8 for v in variants)
     assert [v.slug for v in variants] == ["ceonly", "kd", "cam", "kd-cam", "kd-feature"]
 
 
@@ -73,7 +74,7 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert all(0 <= row["test_top1"] <= 100 and row["epochs"] == 1 and row["limit"] == 24 for row in rows)
     assert sorted(p.name for p in (tmp_path / "ablation").glob("*.safetensors")) == sorted(
         f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "kd", "cam", "kd-cam", "kd-feature"])
-    assert out.startswith("**ablation study of recipe camnet-kd-cam (camnet, 1 epochs, teacher teacher)")
+    assert out.startswith("**ablation study of recipe camnet-kd-cam (camnet_rep, 1 epochs, teacher teacher)")
     for row in rows:
         assert f"| {row['variant']} |" in out and f"**{row['test_top1']:.2f}**" in out
     assert (tmp_path / "ablation" / "results.md").read_text() == out

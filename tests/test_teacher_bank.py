@@ -1,5 +1,6 @@
 """Teacher banks: the stored targets are exactly the live teacher's outputs on the views the student
-sees, banks are reused from the cache folder, and the trainer refuses what a bank cannot serve."""
+sees (feature maps included, for the terms that read them), banks are reused from the cache folder,
+and the trainer refuses what a bank cannot serve."""
 from __future__ import annotations
 
 import pytest
@@ -101,7 +102,7 @@ def test_bank_key_names_everything_the_targets_depend_on():
     key = bank_key(**base)
     assert bank_key(**base) == key
     changes = [{"teacher_weights": "abd"}, {"split": data.train.subset(8, seed=0)}, {"views": 5},
-               {"augment": AugmentConfig(crop_padding=3)}, {"cam_target": None}, {"seed": 1}]
+               {"augment": AugmentConfig(crop_padding=3)}, {"cam_target": None}, {"seed": 1}, {"features": True}]
     assert len({bank_key(**{**base, **change}) for change in changes} | {key}) == len(changes) + 1
 
 
@@ -150,7 +151,6 @@ def test_stop_and_resume_with_a_bank_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"loss_weights": {"ce": 0.5, "kd": 0.5, "feature": 1.0}}, "feature read the teacher's feature maps"),
     ({"augment": AugmentConfig(crop_padding=2, rotation=10)}, "crop and flip augmentation only"),
     ({"augment": AugmentConfig(crop_padding=2, cutout=4)}, "crop and flip augmentation only"),
 ])
@@ -186,3 +186,39 @@ def test_a_stop_during_the_bank_build_abandons_it_and_trains_nothing(tmp_path):
     assert result.stopped and result.epochs_done == 0 and trainer.global_step == 0
     assert watcher.progress == [(1, 3)]
     assert not (tmp_path / "teacher-banks").exists() or not list((tmp_path / "teacher-banks").iterdir())
+
+
+def test_a_bank_for_feature_terms_keeps_the_teachers_feature_maps_of_each_view(tmp_path):
+    """With a FitNets hint (or AT, cosine) the bank also stores the teacher's feature maps, in
+    bfloat16, and the student's batches carry those of exactly its views."""
+    data = synthetic_bundle(train_size=40)
+    model = teacher()
+    bank = build_bank(model, data.train, data.mean, data.std, AUGMENT, views=2, seed=3, features=True, batch_size=16)
+    assert bank.features.dtype == torch.bfloat16 and bank.features.shape == (2, 40, 64, 4, 4)
+    loader = BankLoader(data.train, bank, 8, data.mean, data.std, seed=1)
+    images, _, targets = next(iter(loader))
+    live = model.forward_features(images)
+    torch.testing.assert_close(targets.features, live.to(torch.bfloat16).float())
+    assert targets.features.dtype == torch.float32
+
+    settings = TrainConfig(epochs=2, batch_size=16, lr=0.05, augment=AUGMENT, teacher_views=2,
+                           loss_weights={"ce": 0.5, "kd": 0.5, "feature": 1.0, "at": 1.0})
+    trainer = Trainer(student(), synthetic_bundle(train_size=64), settings, teacher=teacher(), bank_dir=tmp_path)
+    result = trainer.fit()
+    assert isinstance(trainer.train_loader, BankLoader) and trainer.train_loader.bank.features is not None
+    assert all(info.train["feature"] > 0 and info.train["at"] > 0 for info in result.history)
+    (saved,) = (tmp_path / "teacher-banks").iterdir()
+    plain = TrainConfig(**{**vars(settings), "loss_weights": {"ce": 0.5, "kd": 0.5}})
+    other = Trainer(student(), synthetic_bundle(train_size=64), plain, teacher=teacher(), bank_dir=tmp_path)
+    other.fit()
+    assert other.train_loader.bank.features is None  # KD alone keeps a small bank of its own
+    assert len(list((tmp_path / "teacher-banks").iterdir())) == 2 and saved.exists()
+
+
+def test_a_bank_whose_feature_maps_would_not_fit_is_refused(monkeypatch):
+    from kd_core.training import teacher_bank
+
+    monkeypatch.setattr(teacher_bank, "MAX_FEATURE_BYTES", 1000)
+    settings = TrainConfig(epochs=1, batch_size=16, teacher_views=2, loss_weights={"ce": 0.5, "feature": 1.0})
+    with pytest.raises(ValueError, match=r"would hold 0\.0 GB of teacher feature maps \(\(64, 4, 4\) per view"):
+        Trainer(student(), synthetic_bundle(train_size=64), settings, teacher=teacher())

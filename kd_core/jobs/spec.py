@@ -129,11 +129,6 @@ def validate_spec(spec: JobSpec, checkpoints_dir: Path, data_sources: Sequence[s
         lr=_positive("lr", spec.lr), batch_size=_whole("batch_size", spec.batch_size, 1),
         seed=_whole("seed", spec.seed, 0), limit=None if spec.limit is None else _whole("limit", spec.limit, 1),
         teacher_views=_whole("teacher_views", spec.teacher_views, 0), name=spec.name)
-    reading = [term for term in checked.weights
-               if LOSSES.get(term).needs_teacher and LOSSES.get(term).needs_teacher_features]
-    if checked.teacher_views and reading:
-        raise ValueError(f"teacher_views: the {', '.join(reading)} term reads the teacher's feature maps, which a "
-                         "teacher bank does not keep; set teacher views to 0")
     train_config(checked).validate()
     return checked
 

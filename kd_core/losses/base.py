@@ -21,7 +21,7 @@ from ..registry import Registry
 
 @dataclass
 class ModelOutput:
-    features: torch.Tensor | None  # (B, C, H, W): forward_features; None for a teacher read from a bank
+    features: torch.Tensor | None  # (B, C, H, W): forward_features; None for a teacher bank without feature maps
     logits: torch.Tensor           # (B, K): forward_head(features)
     model: Classifier
     cams: torch.Tensor | None = None  # (B, h, w): a teacher bank's CAMs for the CAM term's classes
@@ -48,8 +48,7 @@ LOSSES: Registry[nn.Module] = Registry("loss")
 
 class LossTerm(nn.Module):
     needs_teacher = True
-    # False when the term can learn from a teacher bank (logits and CAMs stored per view) instead of
-    # the teacher's live feature maps
+    # True when the term reads the teacher's feature maps (a teacher bank then keeps them too)
     needs_teacher_features = True
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:  # pragma: no cover
@@ -70,7 +69,7 @@ class Objective(nn.Module):
 
     @property
     def needs_teacher_features(self) -> list[str]:
-        """The terms that read the teacher's feature maps, so cannot learn from a teacher bank."""
+        """The terms that read the teacher's feature maps (a teacher bank must keep them for these)."""
         return [name for name, term in self.terms.items() if term.needs_teacher and term.needs_teacher_features]
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:

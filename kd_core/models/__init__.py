@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from . import airnet, resnet_cifar, small, torchvision_models  # noqa: F401  (fill the registry)
+from . import airnet, reparam, resnet_cifar, small, torchvision_models  # noqa: F401  (fill the registry)
 from ..profile import count_parameters
 from .base import Classifier
 from .registry import MODELS

@@ -23,7 +23,8 @@ from .callbacks import Callback, EpochInfo, StepInfo
 from .config import TrainConfig
 from .schedule import lr_factor
 from .state import load_state, read_state_info, save_state
-from .teacher_bank import BankLoader, TeacherTargets, bank_key, build_bank, check_augment, load_or_build_bank
+from .teacher_bank import (BankLoader, TeacherTargets, bank_key, build_bank, check_augment, check_feature_size,
+                           load_or_build_bank)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -129,11 +130,9 @@ class Trainer:
         return optimizer_class(groups, lr=config.lr)
 
     def _check_bank_usable(self) -> None:
-        reading = self.objective.needs_teacher_features
-        if reading:
-            raise ValueError(f"loss terms {', '.join(reading)} read the teacher's feature maps, which a teacher "
-                             "bank does not keep; use --teacher-views 0 with them")
         check_augment(self.config.augment)
+        if self.objective.needs_teacher_features:
+            check_feature_size(self.teacher, self.train_split, self.config.teacher_views)
 
     def _use_bank(self) -> None:
         """Build (or load) the teacher bank and train on its views from now on. A stop asked for
@@ -141,13 +140,16 @@ class Trainer:
         config = self.config
         # maps are kept whenever the teacher has them, so runs with and without the CAM term share a bank
         cam_target = config.cam_target if self.teacher.cam_layer is not None else None
+        # feature maps only for terms that read them: they make a bank many times larger
+        features = bool(self.objective.needs_teacher_features)
         key = bank_key(weights_sha256(self.teacher), self.train_split, config.augment, config.teacher_views,
-                       cam_target, config.seed)
+                       cam_target, config.seed, features)
 
         def build():
             started = time.perf_counter()
             bank = build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
-                              config.teacher_views, cam_target, seed=config.seed, device=self.device,
+                              config.teacher_views, cam_target, seed=config.seed, features=features,
+                              device=self.device,
                               channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
                               should_stop=lambda: self.stop_requested)
@@ -231,7 +233,7 @@ class Trainer:
             logits = self.model.forward_head(features)             # (B, K)
             teacher_output = None
             if banked is not None:
-                teacher_output = ModelOutput(None, banked.logits, self.teacher, banked.cams)
+                teacher_output = ModelOutput(banked.features, banked.logits, self.teacher, banked.cams)
             elif self.teacher is not None and self.objective.needs_teacher:
                 with torch.no_grad():
                     teacher_features = self.teacher.forward_features(images)

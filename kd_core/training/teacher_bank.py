@@ -4,13 +4,16 @@ Distilling from a large teacher on a CPU is dominated by the teacher's forward p
 about a hundred times a camnet student's. A bank runs it once per view, the way FKD (Shen & Xing,
 "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022) stores soft labels of
 random crops: for each of ``views`` random (crop, flip) draws per training image it keeps the crop
-offsets, the flip, the teacher's logits and, for the CAM term, the teacher's class activation map.
+offsets, the flip, the teacher's logits and, for the CAM term, the teacher's class activation map;
+for terms that read the teacher's feature map (FitNets hints, attention transfer, the cosine loss)
+it keeps that map too, in bfloat16.
 The student then trains on exactly those views, so its KD and CAM targets are the teacher's outputs
 for the very image it sees; what changes is only that an image offers ``views`` views instead of a
 fresh draw every epoch.
 
 A bank is saved in the cache folder under a key of the teacher's weights, the training images, the
-augmentation, the views, the CAM target and the seed, so the runs of a study share one.
+augmentation, the views, the CAM target, whether it keeps feature maps, and the seed, so the runs of
+a study share one.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ..data.sources import Split
 from ..models import Classifier
 
 BANK_VERSION = 1
+MAX_FEATURE_BYTES = 8 * 2**30  # feature maps a bank may hold in memory (and on disk)
 
 
 @dataclass
@@ -38,6 +42,7 @@ class TeacherTargets:
     """The teacher's outputs for one batch, read from a bank."""
     logits: torch.Tensor          # (B, K)
     cams: torch.Tensor | None     # (B, h, w): maps for the classes the CAM term targets
+    features: torch.Tensor | None = None  # (B, C, h, w): the teacher's feature maps, float32
 
 
 @dataclass
@@ -47,6 +52,7 @@ class TeacherBank:
     flips: torch.Tensor           # (V, N) bool
     logits: torch.Tensor          # (V, N, K) float32
     cams: torch.Tensor | None     # (V, N, h, w) float32, or None without a CAM term
+    features: torch.Tensor | None = None  # (V, N, C, h, w) bfloat16, kept for feature-reading terms
 
     @property
     def views(self) -> int:
@@ -60,12 +66,15 @@ class TeacherBank:
 
     def targets(self, index: torch.Tensor, view: torch.Tensor, device: torch.device) -> TeacherTargets:
         cams = self.cams[view, index].to(device) if self.cams is not None else None
-        return TeacherTargets(self.logits[view, index].to(device), cams)
+        features = self.features[view, index].to(device).float() if self.features is not None else None
+        return TeacherTargets(self.logits[view, index].to(device), cams, features)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"offsets": self.offsets, "flips": self.flips.to(torch.uint8), "logits": self.logits}
         if self.cams is not None:
             tensors["cams"] = self.cams
+        if self.features is not None:
+            tensors["features"] = self.features
         return tensors
 
 
@@ -79,10 +88,10 @@ def check_augment(augment: AugmentConfig | None) -> AugmentConfig:
 
 
 def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: int, cam_target: str | None,
-             seed: int) -> str:
+             seed: int, features: bool = False) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views,
-                              cam_target, seed]).encode())
+    fields = [BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views, cam_target, seed]
+    digest.update(json.dumps(fields + (["features"] if features else [])).encode())
     digest.update(split.images.contiguous().numpy().tobytes())
     digest.update(split.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -91,13 +100,14 @@ def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: 
 @torch.no_grad()
 def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Sequence[float],
                augment: AugmentConfig, views: int, cam_target: str | None = None, seed: int = 0,
-               batch_size: int = 500, device: torch.device | str = "cpu", channels_last: bool = False,
+               features: bool = False, batch_size: int = 500, device: torch.device | str = "cpu", channels_last: bool = False,
                autocast: Callable | None = None, progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> TeacherBank | None:
     """Run the frozen ``teacher`` on ``views`` random views of every image of ``split``.
 
     ``cam_target``: ``'teacher'`` (maps for the teacher's predicted class), ``'label'``, or None (no
-    maps). ``progress(done, total)`` is called after each batch; when ``should_stop()`` turns true
+    maps). ``features``: keep the teacher's feature maps too (refused beyond ``MAX_FEATURE_BYTES``).
+    ``progress(done, total)`` is called after each batch; when ``should_stop()`` turns true
     the build is abandoned and None returned.
     """
     if views < 1:
@@ -106,13 +116,15 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     count = len(split)
+    if features:
+        check_feature_size(teacher, split, views)
     padding = augment.crop_padding
     offsets = torch.stack([crop_offsets(count, padding, generator) if padding else torch.zeros(2, count, dtype=torch.long)
                            for _ in range(views)]).to(torch.uint8)                  # (V, 2, N)
     flips = torch.stack([flip_draws(count, generator) if augment.flip else torch.zeros(count, dtype=torch.bool)
                          for _ in range(views)])                                     # (V, N)
     bank = TeacherBank(padding, offsets, flips, torch.empty(0), None)
-    logits, cams = [], []
+    logits, cams, maps = [], [], []
     batches = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     total, done = views * len(batches), 0
     for view in range(views):
@@ -123,12 +135,14 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast() if autocast else torch.autocast(device.type, enabled=False):  # as in training
-                features = teacher.forward_features(images)
-                batch_logits = teacher.forward_head(features).float()
+                feature_maps = teacher.forward_features(images)
+                batch_logits = teacher.forward_head(feature_maps).float()
                 if cam_target is not None:
                     classes = batch_logits.argmax(1) if cam_target == "teacher" else split.labels[index].to(device)
-                    cams.append(class_activation_map(teacher, features, classes).float().cpu())
+                    cams.append(class_activation_map(teacher, feature_maps, classes).float().cpu())
             logits.append(batch_logits.cpu())
+            if features:
+                maps.append(feature_maps.to(torch.bfloat16).cpu().contiguous())
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -136,9 +150,24 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
                 return None
     bank.logits = torch.cat(logits).view(views, count, -1)
     if cam_target is not None:
-        maps = torch.cat(cams)
-        bank.cams = maps.view(views, count, *maps.shape[1:])
+        stacked = torch.cat(cams)
+        bank.cams = stacked.view(views, count, *stacked.shape[1:])
+    if features:
+        stacked = torch.cat(maps)
+        bank.features = stacked.view(views, count, *stacked.shape[1:])
     return bank
+
+
+def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
+    """Refuse a bank whose feature maps would not fit comfortably in memory."""
+    with torch.no_grad():
+        probe = torch.zeros(1, *split.images.shape[1:], device=next(teacher.parameters()).device)
+        shape = teacher.forward_features(probe).shape[1:]
+    size = views * len(split) * shape.numel() * 2
+    if size > MAX_FEATURE_BYTES:
+        raise ValueError(f"a bank of {views} views would hold {size / 2**30:.1f} GB of teacher feature maps "
+                         f"({tuple(shape)} per view, more than {MAX_FEATURE_BYTES / 2**30:.0f} GB); "
+                         "use fewer --teacher-views, or --teacher-views 0 to run the teacher at every step")
 
 
 def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Callable[[], TeacherBank | None],
@@ -151,7 +180,7 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
         try:
             tensors = load_file(path)
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
-                               tensors.get("cams"))
+                               tensors.get("cams"), tensors.get("features"))
         except Exception:
             path.unlink(missing_ok=True)
     bank = build()

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--output", "-o", type=Path,
                        help="study folder for checkpoints and results (default runs/study/<recipe>-<kind>)")
     study.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    study.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
+                       help="finished checkpoints (e.g. the shipped ones) to record instead of retraining a run "
+                            "whose architecture, data, teacher and settings they match exactly")
     study.add_argument("--limit", type=int, help="train on a random subset of N training images")
     study.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     study.add_argument("--cache-dir", type=Path)
@@ -339,7 +342,8 @@ def _study(args: argparse.Namespace) -> int:
     folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
     summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
                         cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
-                        callbacks=lambda: [TqdmProgress(stream=sys.stderr)], log=lambda line: print(line, file=sys.stderr))
+                        callbacks=lambda: [TqdmProgress(stream=sys.stderr)], log=lambda line: print(line, file=sys.stderr),
+                        reuse=args.reuse)
     print(summary)
     return 0
 

@@ -9,7 +9,8 @@
 
 Every variant x seed is one ordinary run (:func:`kd_core.run.run`) writing its checkpoint into the
 study folder; finished runs are recorded in ``results.json`` there and skipped when the command is
-run again, so a study interrupted at any point resumes. The summary is a Markdown table (mean and
+run again, so a study interrupted at any point resumes. Checkpoints given as ``reuse`` (the shipped
+ones, say) whose recorded settings equal a variant's are recorded as that run instead of retraining it. The summary is a Markdown table (mean and
 sample standard deviation over seeds) printed and saved as ``results.md``.
 """
 from __future__ import annotations
@@ -117,12 +118,36 @@ def summarize(rows: list[dict], title: str) -> str:
 
 # -- running -------------------------------------------------------------------------------------
 
+def matching_checkpoint(candidates: Iterable[Path], recipe: Recipe, config: dict, data: str,
+                        teacher: Path | None) -> tuple[Path, dict] | None:
+    """The first of ``candidates`` that a run of ``recipe`` with ``config`` on ``data`` from ``teacher``
+    would have written: same architecture (as trained), arguments, data, teacher file and settings."""
+    from .checkpoint import read_metadata
+
+    for path in candidates:
+        meta = read_metadata(path)
+        trained = meta.get("trained_as") or meta
+        arch_args = {k: v for k, v in trained["arch_args"].items() if k not in ("num_classes", "in_channels", "input_size")}
+        recorded_teacher = (meta.get("teacher") or {}).get("file")
+        if (trained["arch"] == recipe.arch and arch_args == json.loads(json.dumps(recipe.arch_args))
+                and meta["data"]["source"] == data and meta.get("config") == config
+                and recorded_teacher == (Path(teacher).name if teacher else None)):
+            return Path(path), meta
+    return None
+
+
 def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seeds: Iterable[int],
               teacher: Path | None, data: str, cache_dir: Path | None = None,
               temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
-              callbacks: Callable[[], list[Callback]] = list, log: Callable[[str], None] = print) -> str:
+              callbacks: Callable[[], list[Callback]] = list, log: Callable[[str], None] = print,
+              reuse: Iterable[Path] = ()) -> str:
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary."""
     from .run import RunSpec, run
+
+    reuse = [Path(path) for path in reuse]
+    for path in reuse:
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {path} to reuse")
 
     variants = variants_for(kind, config, temperatures, feature_weight)
     needs_teacher = any(set(v.config.loss_weights) - {"ce"} for v in variants)
@@ -144,6 +169,15 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 continue
             name = f"{recipe.name}-{variant.slug}-s{seed}"
             distils = bool(set(run_config.loss_weights) - {"ce"})
+            saved_config = json.loads(json.dumps(run_config.to_dict()))
+            found = matching_checkpoint(reuse, recipe, saved_config, data, teacher if distils else None)
+            if found:
+                path, meta = found
+                rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path))
+                save_results(results_path, rows)
+                log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
+                    f"{meta['metrics']['test_top1']:.2f}%")
+                continue
             spec = RunSpec(arch=recipe.arch, data=data, config=run_config, output=folder / f"{name}.safetensors",
                            teacher=Path(teacher) if distils else None, name=name, role="student",
                            recipe=recipe.name, arch_args=dict(recipe.arch_args),
@@ -152,10 +186,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             result, path = run(spec, callbacks=callbacks())
             if path is None:
                 raise KeyboardInterrupt
-            rows.append({"variant": variant.label, "seed": seed, "loss_weights": run_config.loss_weights,
-                         "temperature": run_config.temperature, "test_top1": round(result.test_top1, 2),
-                         "train_seconds": round(result.train_seconds, 1), "epochs": run_config.epochs,
-                         "limit": run_config.limit, "checkpoint": path.name, "config": run_config.to_dict()})
+            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path))
             save_results(results_path, rows)
             log(f"  {variant.label}, seed {seed}: test top-1 {result.test_top1:.2f}%")
     labels = {variant.label for variant in variants}
@@ -164,3 +195,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     summary = summarize(chosen, title)
     (folder / "results.md").write_text(summary + "\n")
     return summary
+
+
+def _row(label: str, config: TrainConfig, test_top1: float, train_seconds: float, checkpoint: Path) -> dict:
+    return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
+            "temperature": config.temperature, "test_top1": round(test_top1, 2),
+            "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
+            "checkpoint": checkpoint.name, "config": config.to_dict()}

@@ -99,6 +99,24 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert len(accuracies) == 2
     assert re.search(r"\| recipe \| 1·ce \| - \| 0, 1 \| \*\*\d+\.\d\d\*\* ± \d+\.\d\d \|", out)
 
+    # A new ablation folder that may reuse the first one's checkpoints: the KD and KD + CAM runs
+    # match them exactly, so only they are taken over; everything else trains as usual.
+    first = tmp_path / "ablation"
+    reuse = ["--reuse", first / "camnet-kd-cam-kd-s0.safetensors", first / "camnet-kd-cam-kd-cam-s0.safetensors",
+             tmp_path / "seeds" / "camnet-ce-recipe-s1.safetensors"]  # other recipe and seed: no match
+    again = [str(arg) for arg in study[:study.index("--output")] + ["--output", tmp_path / "reused", *cache, *reuse]]
+    assert main(again) == 0
+    capsys.readouterr()
+    reused = {row["variant"]: row for row in json.loads((tmp_path / "reused" / "results.json").read_text())}
+    original = {row["variant"]: row for row in rows}
+    assert reused["KD"]["checkpoint"] == "camnet-kd-cam-kd-s0.safetensors"
+    assert reused["KD + CAM"]["checkpoint"] == "camnet-kd-cam-kd-cam-s0.safetensors"
+    assert reused["KD"]["test_top1"] == original["KD"]["test_top1"]
+    assert sorted(p.name for p in (tmp_path / "reused").glob("*.safetensors")) == sorted(
+        f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "cam", "kd-feature"])
+    assert main([*again[:-1], str(tmp_path / "absent.safetensors")]) == 2
+    assert "no checkpoint file at" in capsys.readouterr().err
+
 
 def test_study_errors(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -350,20 +350,23 @@ def _study(args: argparse.Namespace) -> int:
 
 def _markdown_table(rows: list[dict]) -> str:
     lines = ["| checkpoint | role | params | MACs | file | test top-1 | method | teacher | training | "
-             "CPU batch-1 latency | command |", "|---" * 11 + "|"]
+             "CPU batch-1 latency | command | source project (original CIFAR-10) |", "|---" * 12 + "|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | unusable: {row['error']} |" + " |" * 9)
+            lines.append(f"| {row['name']} | unusable: {row['error']} |" + " |" * 10)
             continue
         meta, metrics = row["meta"], row["meta"].get("metrics", {})
         latency = metrics.get("latency_ms_batch1")
         command = recipes.reproduce_command(meta)
+        name = meta.get("recipe")
+        published = recipes.get(name).published if name in recipes.RECIPES else None
         lines.append(
             f"| {row['name']} | {meta.get('role', '?')} | {metrics.get('params', 0):,} | {metrics.get('macs', 0) / 1e6:.1f} M "
             f"| {row['file_size'] / 1e6:.2f} MB | {metrics.get('test_top1', float('nan')):.2f}% | {meta.get('method', '?')} "
             f"| {(meta.get('teacher') or {}).get('name', '-')} "
             f"| {_training_time(meta)} "
-            f"| {'-' if latency is None else f'{latency:.2f} ms'} | {f'`{command}`' if command else '-'} |")
+            f"| {'-' if latency is None else f'{latency:.2f} ms'} | {f'`{command}`' if command else '-'} "
+            f"| {published or '-'} |")
     return "\n".join(lines)
 
 

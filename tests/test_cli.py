@@ -207,12 +207,13 @@ def test_list_markdown_table(capsys, workdir, folder_data):
     code, out, _ = run_cli(capsys, "list", workdir / "ck", "--markdown")
     meta = read_metadata(workdir / "ck" / "camnet-ce.safetensors")
     lines = out.splitlines()
-    assert lines[0].startswith("| checkpoint | role | params |") and lines[1] == "|---" * 11 + "|"
-    assert lines[2].startswith("| broken | unusable: ") and lines[2].count("|") == 12
+    assert lines[0].startswith("| checkpoint | role | params |") and lines[1] == "|---" * 12 + "|"
+    assert lines[0].endswith("| command | source project (original CIFAR-10) |")
+    assert lines[2].startswith("| broken | unusable: ") and lines[2].count("|") == 13
     assert lines[3] == (f"| camnet-ce | student | {meta['metrics']['params']:,} | {meta['metrics']['macs'] / 1e6:.1f} M | "
                         f"{meta['metrics']['file_size'] / 1e6:.2f} MB | {meta['metrics']['test_top1']:.2f}% | ce | - | "
                         f"{meta['train_seconds'] / 60:.1f} min, 1 epochs | - | "
-                        "`python -m kd_core train --recipe camnet-ce --epochs 1 --batch-size 16 --limit 40` |")
+                        "`python -m kd_core train --recipe camnet-ce --epochs 1 --batch-size 16 --limit 40` | - |")
 
 
 def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, workdir, folder_data):

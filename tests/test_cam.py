@@ -14,7 +14,7 @@ GAP_MODELS = [name for name in models.list_models() if models.create(name).linea
 
 
 def test_gap_models_are_the_expected_ones():
-    assert set(GAP_MODELS) == {"camnet", "mobilenet_v2", "resnet8", "resnet14", "resnet18", "resnet20",
+    assert set(GAP_MODELS) == {"camnet", "camnet_rep", "mobilenet_v2", "resnet8", "resnet14", "resnet18", "resnet20",
                                "resnet32", "resnet50", "resnet56"}
 
 

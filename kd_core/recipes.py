@@ -49,6 +49,16 @@ def names() -> list[str]:
     return RECIPES.names()
 
 
+_DATA_DERIVED = ("num_classes", "in_channels", "input_size")  # arch_args that come from the data set
+
+
+def trained_architecture(meta: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The architecture a checkpoint was trained as, and its arguments other than the data-derived
+    ones: its ``trained_as`` entry for a re-parameterized student, else its own."""
+    trained = meta.get("trained_as") or meta
+    return trained.get("arch"), {k: v for k, v in trained.get("arch_args", {}).items() if k not in _DATA_DERIVED}
+
+
 _FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "seed",
           "limit", "temperature")
 
@@ -67,9 +77,7 @@ def reproduce_command(meta: dict[str, Any]) -> str | None:
     flags = [f"--{key.replace('_', '-')} {saved[key]:g}" if isinstance(saved[key], float) else
              f"--{key.replace('_', '-')} {saved[key]}" for key in differing if key in _FLAGS]
     others = [key for key in differing if key not in _FLAGS]
-    trained = meta.get("trained_as") or meta  # a re-parameterized student was trained in another form
-    saved_arch = {k: v for k, v in trained.get("arch_args", {}).items() if k not in ("num_classes", "in_channels", "input_size")}
-    if saved_arch != json.loads(json.dumps(recipe.arch_args)):
+    if trained_architecture(meta)[1] != json.loads(json.dumps(recipe.arch_args)):
         others.append("arch_args")
     if flags:
         command += " " + " ".join(flags)

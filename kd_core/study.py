@@ -10,8 +10,9 @@
 Every variant x seed is one ordinary run (:func:`kd_core.run.run`) writing its checkpoint into the
 study folder; finished runs are recorded in ``results.json`` there and skipped when the command is
 run again, so a study interrupted at any point resumes. Checkpoints given as ``reuse`` (the shipped
-ones, say) whose recorded settings equal a variant's are recorded as that run instead of retraining it. The summary is a Markdown table (mean and
-sample standard deviation over seeds) printed and saved as ``results.md``.
+ones, say) whose recorded settings equal a variant's are recorded as that run instead of retraining
+it. The summary is a Markdown table (mean and sample standard deviation over seeds) printed and
+saved as ``results.md``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .recipes import Recipe
+from .recipes import Recipe, trained_architecture
 from .training import Callback, TrainConfig
 
 KINDS = ("ablation", "temperature", "seeds")
@@ -118,21 +119,17 @@ def summarize(rows: list[dict], title: str) -> str:
 
 # -- running -------------------------------------------------------------------------------------
 
-def matching_checkpoint(candidates: Iterable[Path], recipe: Recipe, config: dict, data: str,
+def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe, config: dict, data: str,
                         teacher: Path | None) -> tuple[Path, dict] | None:
-    """The first of ``candidates`` that a run of ``recipe`` with ``config`` on ``data`` from ``teacher``
-    would have written: same architecture (as trained), arguments, data, teacher file and settings."""
-    from .checkpoint import read_metadata
-
-    for path in candidates:
-        meta = read_metadata(path)
-        trained = meta.get("trained_as") or meta
-        arch_args = {k: v for k, v in trained["arch_args"].items() if k not in ("num_classes", "in_channels", "input_size")}
+    """The first of ``candidates`` (path, metadata) that a run of ``recipe`` with ``config`` on ``data``
+    from ``teacher`` would have written: same architecture (as trained), arguments, data, teacher file
+    and settings."""
+    wanted = (recipe.arch, json.loads(json.dumps(recipe.arch_args)))
+    for path, meta in candidates:
         recorded_teacher = (meta.get("teacher") or {}).get("file")
-        if (trained["arch"] == recipe.arch and arch_args == json.loads(json.dumps(recipe.arch_args))
-                and meta["data"]["source"] == data and meta.get("config") == config
+        if (trained_architecture(meta) == wanted and meta["data"]["source"] == data and meta.get("config") == config
                 and recorded_teacher == (Path(teacher).name if teacher else None)):
-            return Path(path), meta
+            return path, meta
     return None
 
 
@@ -144,10 +141,13 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary."""
     from .run import RunSpec, run
 
+    from .checkpoint import read_metadata
+
     reuse = [Path(path) for path in reuse]
     for path in reuse:
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint file at {path} to reuse")
+    reusable = [(path, read_metadata(path)) for path in reuse]  # read once, matched per variant
 
     variants = variants_for(kind, config, temperatures, feature_weight)
     needs_teacher = any(set(v.config.loss_weights) - {"ce"} for v in variants)
@@ -170,7 +170,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             name = f"{recipe.name}-{variant.slug}-s{seed}"
             distils = bool(set(run_config.loss_weights) - {"ce"})
             saved_config = json.loads(json.dumps(run_config.to_dict()))
-            found = matching_checkpoint(reuse, recipe, saved_config, data, teacher if distils else None)
+            found = matching_checkpoint(reusable, recipe, saved_config, data, teacher if distils else None)
             if found:
                 path, meta = found
                 rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path))

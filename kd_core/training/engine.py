@@ -149,8 +149,7 @@ class Trainer:
             started = time.perf_counter()
             bank = build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, features=features,
-                              device=self.device,
-                              channels_last=config.channels_last, autocast=self._autocast,
+                              device=self.device, channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
                               should_stop=lambda: self.stop_requested)
             self.bank_seconds = time.perf_counter() - started

@@ -120,17 +120,23 @@ def summarize(rows: list[dict], title: str) -> str:
 # -- running -------------------------------------------------------------------------------------
 
 def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe, config: dict, data: str,
-                        teacher: Path | None) -> tuple[Path, dict] | None:
+                        teacher: Path | None, teacher_sha256: str | None = None) -> tuple[Path, dict] | None:
     """The first of ``candidates`` (path, metadata) that a run of ``recipe`` with ``config`` on ``data``
     from ``teacher`` would have written: same architecture (as trained), arguments, data, teacher file
-    and settings."""
+    (and, given ``teacher_sha256``, its very weights) and settings."""
     wanted = (recipe.arch, json.loads(json.dumps(recipe.arch_args)))
     for path, meta in candidates:
-        recorded_teacher = (meta.get("teacher") or {}).get("file")
+        recorded = meta.get("teacher") or {}
         if (trained_architecture(meta) == wanted and meta["data"]["source"] == data and meta.get("config") == config
-                and recorded_teacher == (Path(teacher).name if teacher else None)):
+                and recorded.get("file") == (Path(teacher).name if teacher else None)
+                and (teacher_sha256 is None or recorded.get("weights_sha256") == teacher_sha256)):
             return path, meta
     return None
+
+
+def _teacher_weights(teacher: Path) -> str:
+    from .checkpoint import load_checkpoint, weights_sha256
+    return weights_sha256(load_checkpoint(teacher).model)
 
 
 def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seeds: Iterable[int],
@@ -156,24 +162,30 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     folder.mkdir(parents=True, exist_ok=True)
     results_path = folder / "results.json"
     rows = load_results(results_path)
+    teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}")
     for variant in variants:
         for seed in seeds:
             run_config = replace(variant.config, seed=seed)
+            distils = bool(set(run_config.loss_weights) - {"ce"})
+            run_teacher = teacher_sha256 if distils else None
             done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
             if done and done[0]["config"] != json.loads(json.dumps(run_config.to_dict())):
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
                                  "give the study another --output folder")
+            if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:
+                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) distilled from other "
+                                 f"weights of {Path(teacher).name}; give the study another --output folder")
             if done:
                 continue
             name = f"{recipe.name}-{variant.slug}-s{seed}"
-            distils = bool(set(run_config.loss_weights) - {"ce"})
             saved_config = json.loads(json.dumps(run_config.to_dict()))
-            found = matching_checkpoint(reusable, recipe, saved_config, data, teacher if distils else None)
+            found = matching_checkpoint(reusable, recipe, saved_config, data, teacher if distils else None, run_teacher)
             if found:
                 path, meta = found
-                rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path))
+                rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path,
+                                 run_teacher))
                 save_results(results_path, rows)
                 log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
                     f"{meta['metrics']['test_top1']:.2f}%")
@@ -186,7 +198,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             result, path = run(spec, callbacks=callbacks())
             if path is None:
                 raise KeyboardInterrupt
-            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path))
+            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher))
             save_results(results_path, rows)
             log(f"  {variant.label}, seed {seed}: test top-1 {result.test_top1:.2f}%")
     labels = {variant.label for variant in variants}
@@ -197,8 +209,11 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     return summary
 
 
-def _row(label: str, config: TrainConfig, test_top1: float, train_seconds: float, checkpoint: Path) -> dict:
+def _row(label: str, config: TrainConfig, test_top1: float, train_seconds: float, checkpoint: Path,
+         teacher_sha256: str | None) -> dict:
+    """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
+    rows distilled from a retrained teacher are never mixed into the same table."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
             "temperature": config.temperature, "test_top1": round(test_top1, 2),
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
-            "checkpoint": checkpoint.name, "config": config.to_dict()}
+            "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256}

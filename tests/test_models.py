@@ -144,6 +144,30 @@ def test_airnet_flip_tta_averages_the_mirror_image_in_eval_mode_only():
     assert models.count_parameters(model) == models.count_parameters(models.create("airnet", widths=(8, 16, 16)))
 
 
+def test_airnet_translate_tta_adds_airbench_level_two():
+    """Half the mirror pair, plus a quarter each for the pairs shifted one pixel up-left and
+    down-right with reflect padding: six single-view passes."""
+    torch.manual_seed(0)
+    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True, translate_tta=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def pair(images):
+        single = model.forward_head(model.forward_features(images))
+        return (single + model.forward_head(model.forward_features(images.flip(-1)))) / 2
+
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., 0:32, 0:32], padded[..., 2:34, 2:34]
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :31, :31])  # content moved one pixel down-right
+    with torch.no_grad():
+        expected = pair(x) / 2 + (pair(up_left) + pair(down_right)) / 4
+        torch.testing.assert_close(model(x), expected)
+        assert not torch.allclose(model(x), pair(x))
+        model.train()
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+    with pytest.raises(ValueError, match="flip_tta"):
+        models.create("airnet", widths=(8, 16, 16), translate_tta=True)
+
+
 def _randomize_batchnorm(model: torch.nn.Module) -> None:
     """Non-trivial running statistics and affine parameters, so folding has something to fold."""
     torch.manual_seed(1)

@@ -117,6 +117,21 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert main([*again[:-1], str(tmp_path / "absent.safetensors")]) == 2
     assert "no checkpoint file at" in capsys.readouterr().err
 
+    # The teacher is retrained into the same file: its old distilled rows and checkpoints are not
+    # this teacher's, so the old folder is refused and a new one reuses nothing distilled.
+    assert all(len(row["teacher_sha256"]) == 64 for row in rows if row["variant"] != "CE only")
+    assert rows[0]["teacher_sha256"] is None
+    assert main(["train", "--model", "lightnn", "--data", data, "--epochs", "1", "--limit", "24", "--seed", "1", "--fresh",
+                 "--output", str(tmp_path / "teacher.safetensors"), *map(str, cache)]) == 0
+    capsys.readouterr()
+    assert main([str(arg) for arg in study]) == 2
+    assert "holds a KD run (seed 0) distilled from other weights of teacher.safetensors" in capsys.readouterr().err
+    retrained = [*again[:again.index("--output")], "--output", str(tmp_path / "retrained"), *map(str, cache),
+                 "--reuse", str(first / "camnet-kd-cam-kd-s0.safetensors"), "--epochs", "1"]
+    assert main(retrained) == 0
+    assert "has these settings" not in capsys.readouterr().out
+    assert len(list((tmp_path / "retrained").glob("*.safetensors"))) == 5
+
 
 def test_study_errors(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -127,6 +127,18 @@ def test_resume_refuses_changed_settings(tiny_bundle, tmp_path):
     assert len(fresh.history) == 3
 
 
+def test_resume_refuses_a_retrained_teacher(tiny_bundle, tmp_path):
+    """Same settings, other teacher weights (its checkpoint was retrained): not the same run."""
+    state = tmp_path / "run.safetensors"
+    settings = config(loss_weights={"ce": 0.5, "kd": 0.5})
+    Trainer(student(), tiny_bundle, settings, teacher=student(seed=5), callbacks=[Recorder(stop_after_epoch=0)],
+            state_path=state).fit()
+    with pytest.raises(ValueError, match=r"used other settings \(teacher weights\)"):
+        Trainer(student(), tiny_bundle, settings, teacher=student(seed=6), state_path=state).fit()
+    resumed = Trainer(student(), tiny_bundle, settings, teacher=student(seed=5), state_path=state)
+    assert len(resumed.fit().history) == 3 and resumed.start_epoch == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # EMA, teacher
 

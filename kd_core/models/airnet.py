@@ -9,12 +9,15 @@ well at the large learning rates that make the recipe fast. Convs start as parti
 
 ``flip_tta=True`` makes the model's prediction, ``forward(x)`` in eval mode, the mean of the logits
 for the image and its mirror image (airbench's test-time augmentation): about one point more on
-CIFAR-10 for twice the inference cost. ``forward_features``/``forward_head`` (CAMs, distillation
-targets) stay single-view, and training (train mode) is unaffected.
+CIFAR-10 for twice the inference cost. ``translate_tta=True`` adds airbench's second level: the
+image shifted one pixel up-left and one down-right (reflect padding), each with its mirror image,
+weighted half against the unshifted pair (six passes in all). ``forward_features``/``forward_head``
+(CAMs, distillation targets) stay single-view, and training (train mode) is unaffected.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Classifier
@@ -59,9 +62,13 @@ class _GlobalMaxLinearHead(nn.Module):
 
 class AirNet(Classifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
-                 widths: tuple[int, int, int] = (64, 256, 256), flip_tta: bool = False):
+                 widths: tuple[int, int, int] = (64, 256, 256), flip_tta: bool = False,
+                 translate_tta: bool = False):
         super().__init__()
+        if translate_tta and not flip_tta:
+            raise ValueError("translate_tta builds on flip_tta (airbench's level 2); set both")
         self.flip_tta = flip_tta
+        self.translate_tta = translate_tta
         whiten_width = 2 * in_channels * 2 * 2
         whiten = nn.Conv2d(in_channels, whiten_width, 2, padding=0)  # (B, 24, H-1, W-1)
         whiten.requires_grad_(False)  # filters set from data (init_from_data), then kept fixed
@@ -74,10 +81,18 @@ class AirNet(Classifier):
         self.head = _GlobalMaxLinearHead(widths[2], num_classes, scale=1 / 9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
-        if self.flip_tta and not self.training:
-            logits = 0.5 * (logits + super().forward(x.flip(-1)))
+        if self.training or not self.flip_tta:
+            return super().forward(x)
+        logits = self._mirror_mean(x)
+        if self.translate_tta:
+            height, width = x.shape[-2:]
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
+            logits = 0.5 * logits + 0.25 * (self._mirror_mean(shifted[0]) + self._mirror_mean(shifted[1]))
         return logits
+
+    def _mirror_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (super().forward(x) + super().forward(x.flip(-1)))
 
     @property
     def whiten(self) -> nn.Conv2d:

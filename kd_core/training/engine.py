@@ -89,6 +89,7 @@ class Trainer:
         self.data = data
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.teacher = freeze(teacher.to(self.device, memory_format=self.memory_format)) if teacher else None
+        self.teacher_sha256 = weights_sha256(self.teacher) if self.teacher is not None else None
         self.objective = build_objective(config.loss_weights, self.model, self.teacher, data.input_shape,
                                          config.loss_options()).to(self.device)
         self.train_split = data.train.subset(config.limit, seed=config.seed)
@@ -185,16 +186,20 @@ class Trainer:
     def _save_state(self, epoch: int) -> None:
         rng = {"torch": torch.get_rng_state(), "loader": self.train_loader.generator.get_state()}
         info = {"epoch": epoch, "train_seconds": self.train_seconds, "global_step": self.global_step,
-                "history": [vars(item) for item in self.history], "config": self.config.to_dict()}
+                "history": [vars(item) for item in self.history], "config": self.config.to_dict(),
+                "teacher_sha256": self.teacher_sha256}
         save_state(self.state_path, self._modules(), self.optimizer, rng, info)
 
     def resume(self) -> bool:
         """Continue from the state file when there is one; returns whether it did."""
         if self.state_path is None or not self.state_path.exists():
             return False
-        saved_config = read_state_info(self.state_path)["config"]
+        saved = read_state_info(self.state_path)
+        saved_config = saved["config"]
         current = json.loads(json.dumps(self.config.to_dict()))
         changed = sorted(key for key in current if key != "device" and saved_config.get(key) != current[key])
+        if saved.get("teacher_sha256", self.teacher_sha256) != self.teacher_sha256:
+            changed.append("teacher weights")  # e.g. the teacher checkpoint was retrained since
         if changed:
             raise ValueError(f"the saved run in {self.state_path.parent} used other settings ({', '.join(changed)}); "
                              "start fresh (--fresh) or use another run folder")

@@ -87,8 +87,8 @@ class AirNet(Classifier):
         if self.translate_tta:
             height, width = x.shape[-2:]
             padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-            shifted = [padded[..., :height, :width], padded[..., 2:, 2:]]
-            logits = 0.5 * logits + 0.25 * (self._mirror_mean(shifted[0]) + self._mirror_mean(shifted[1]))
+            up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
+            logits = 0.5 * logits + 0.25 * (self._mirror_mean(up_left) + self._mirror_mean(down_right))
         return logits
 
     def _mirror_mean(self, x: torch.Tensor) -> torch.Tensor:

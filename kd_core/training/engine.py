@@ -143,7 +143,7 @@ class Trainer:
         cam_target = config.cam_target if self.teacher.cam_layer is not None else None
         # feature maps only for terms that read them: they make a bank many times larger
         features = bool(self.objective.needs_teacher_features)
-        key = bank_key(weights_sha256(self.teacher), self.train_split, config.augment, config.teacher_views,
+        key = bank_key(self.teacher_sha256, self.train_split, config.augment, config.teacher_views,
                        cam_target, config.seed, features)
 
         def build():

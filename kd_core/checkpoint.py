@@ -23,6 +23,10 @@ from . import models
 
 FORMAT = "kd_core/1"
 SUFFIX = ".safetensors"
+# How a checkpoint stores its parameters (metadata key ``weights_dtype``; buffers such as batch-norm
+# statistics always stay float32). float16 halves a large teacher's file; the model is rounded to it
+# (round_weights) before it is evaluated, so the recorded metrics are those of the stored weights.
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -52,8 +56,34 @@ class LoadedCheckpoint:
         return self.meta["data"]["classes"]
 
 
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+def _state_tensors(model: torch.nn.Module, weights_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if weights_dtype != "float32":
+        dtype = WEIGHTS_DTYPES[weights_dtype]
+        for name, _ in model.named_parameters():
+            if name in tensors and tensors[name].is_floating_point():
+                tensors[name] = tensors[name].to(dtype)
+    return tensors
+
+
+def check_weights_dtype(weights_dtype: str) -> torch.dtype:
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    return WEIGHTS_DTYPES[weights_dtype]
+
+
+@torch.no_grad()
+def round_weights(model: torch.nn.Module, weights_dtype: str) -> torch.nn.Module:
+    """Round ``model``'s floating parameters in place to what ``weights_dtype`` stores, so that the
+    model in memory is exactly the one a checkpoint saved with that dtype loads back."""
+    dtype = check_weights_dtype(weights_dtype)
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            largest = parameter.abs().max().item() if parameter.numel() else 0.0
+            if largest > torch.finfo(dtype).max:
+                raise ValueError(f"parameter {name} reaches {largest:.3g}, beyond {weights_dtype}'s range")
+            parameter.copy_(parameter.to(dtype))
+    return model
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
@@ -72,7 +102,8 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dict[str, Any]) -> Path:
     """Write ``model`` with ``meta`` (must include ``arch``, ``arch_args`` and ``data``).
 
-    ``meta["metrics"]["file_size"]`` is filled in with the exact size of the file written.
+    ``meta["metrics"]["file_size"]`` is filled in with the exact size of the file written;
+    ``meta["weights_dtype"]`` (default float32) says how the parameters are stored.
     """
     path = Path(path)
     for key in ("arch", "arch_args", "data"):
@@ -82,7 +113,9 @@ def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dic
     meta.setdefault("format", FORMAT)
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     meta.setdefault("metrics", {})
-    tensors = _state_tensors(model)
+    weights_dtype = meta.setdefault("weights_dtype", "float32")
+    check_weights_dtype(weights_dtype)
+    tensors = _state_tensors(model, weights_dtype)
     size = 0
     for _ in range(5):  # the size is part of the header, so iterate until it is a fixed point
         meta["metrics"]["file_size"] = size

@@ -42,6 +42,9 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     what.add_argument("--run-dir", type=Path, help="folder for the resumable state (default runs/<name>); "
                       "an interrupted run resumes from its last finished epoch")
     what.add_argument("--fresh", action="store_true", help="ignore and replace any resumable state in --run-dir")
+    what.add_argument("--weights-dtype", choices=("float32", "float16"),
+                      help="how the checkpoint stores parameters (default: the recipe's, else float32); float16 "
+                      "halves the file, and the recorded metrics are measured on the rounded weights")
     what.add_argument("--cache-dir", type=Path, help="where decoded data sets are cached (default ~/.cache/kd_core "
                       "or $KD_CACHE_DIR)")
 
@@ -208,7 +211,9 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
                    output=output, teacher=teacher, name=name,
                    role=recipe.role if recipe and arch == recipe.arch else ("student" if distill else "teacher"),
                    recipe=recipe.name if recipe else None, arch_args=dict(recipe.arch_args) if recipe else {},
-                   state_path=run_dir / "resume.safetensors", cache_dir=args.cache_dir)
+                   state_path=run_dir / "resume.safetensors", cache_dir=args.cache_dir,
+                   weights_dtype=args.weights_dtype or (recipe.weights_dtype if recipe and arch == recipe.arch
+                                                        else "float32"))
 
     def install_stop(trainer) -> None:
         def stop(signum, frame):

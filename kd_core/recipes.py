@@ -27,6 +27,7 @@ class Recipe:
     data: str = CIFAR10_JPEG
     arch_args: dict[str, Any] = field(default_factory=dict)
     published: str | None = None   # the source project's number for this row (original CIFAR-10)
+    weights_dtype: str = "float32" # how the checkpoint stores parameters (float16 halves the file)
 
     @property
     def command(self) -> str:

@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import torch
 
 from . import __version__, models
-from .checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint, save_checkpoint, weights_sha256
+from .checkpoint import (LoadedCheckpoint, check_weights_dtype, file_sha256, load_checkpoint, round_weights,
+                         save_checkpoint, weights_sha256)
 from .data import DataBundle, load_data
 from .data.sources import default_cache_dir
 from .evaluation import classification_report, predict
@@ -33,6 +34,7 @@ class RunSpec:
     arch_args: dict[str, Any] = field(default_factory=dict)
     state_path: Path | None = None         # resumable state; None: not resumable
     cache_dir: Path | None = None
+    weights_dtype: str = "float32"         # how the checkpoint stores parameters (kd_core.checkpoint)
 
 
 def method_name(weights: dict[str, float]) -> str:
@@ -70,6 +72,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     ``stop_hook(trainer)`` is called once the trainer exists (signal handlers use it).
     """
     spec.config.validate()
+    check_weights_dtype(spec.weights_dtype)  # an unknown dtype fails before any data is loaded
     data = load_data(spec.data, cache_dir=spec.cache_dir)
     teacher = None
     if spec.teacher is not None:
@@ -93,6 +96,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         shipped_arch, shipped_args, final = final.reparameterize()
         final = final.to(trainer.device).eval()
         trained_as = {"arch": spec.arch, "arch_args": arch_args, "params": count_parameters(result.model)}
+    round_weights(final, spec.weights_dtype)  # evaluate exactly what the checkpoint will hold
     report = evaluate_final(final, data, trainer.device)
     final = final.cpu().to(memory_format=torch.contiguous_format)
     meta = {
@@ -107,6 +111,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         "method": method_name(spec.config.loss_weights),
         "recipe": spec.recipe,
         "config": spec.config.to_dict(),
+        "weights_dtype": spec.weights_dtype,
         "teacher": teacher_summary(teacher) if teacher else None,
         "metrics": {"test_top1": round(report["top1"], 2), "test_top5": round(report["top5"], 2),
                     "per_class": [round(value, 2) for value in report["per_class"]],

@@ -95,6 +95,43 @@ def test_round_trip_is_bit_exact(tmp_path, arch):
         assert torch.equal(model(images), loaded.model(images))
 
 
+def test_float16_weights_halve_the_file_and_load_back_as_the_rounded_model(tmp_path):
+    from kd_core.checkpoint import round_weights, weights_sha256
+
+    model = trained_looking("airnet")
+    full = save_checkpoint(tmp_path / "full.safetensors", model, meta_for("airnet"))
+    rounded = round_weights(trained_looking("airnet"), "float16")
+    half = save_checkpoint(tmp_path / "half.safetensors", rounded, meta_for("airnet", weights_dtype="float16"))
+
+    with safe_open(str(half), "pt") as handle:
+        dtypes = {name: handle.get_tensor(name).dtype for name in handle.keys()}
+    parameters = {name for name, _ in model.named_parameters()}
+    assert {dtypes[name] for name in parameters} == {torch.float16}
+    assert {dtypes[name] for name in dtypes if name not in parameters} == {torch.float32, torch.int64}  # BN stats, counters
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.51
+
+    loaded = load_checkpoint(half)
+    assert loaded.meta["weights_dtype"] == "float16" and read_metadata(full)["weights_dtype"] == "float32"
+    for name, tensor in rounded.state_dict().items():  # float32 in memory, equal to the rounded model
+        assert loaded.model.state_dict()[name].dtype == tensor.dtype and torch.equal(loaded.model.state_dict()[name], tensor)
+    assert weights_sha256(loaded.model) == weights_sha256(rounded)
+    weight = model.features[2][0].weight
+    assert 0 < (weight - rounded.features[2][0].weight).abs().max() <= weight.abs().max() * 2 ** -11
+
+
+def test_weights_dtype_is_checked(tmp_path):
+    from kd_core.checkpoint import round_weights
+
+    with pytest.raises(ValueError, match="weights dtype must be one of float32, float16, got 'int8'"):
+        save_checkpoint(tmp_path / "x.safetensors", models.create("camnet"), meta_for("camnet", weights_dtype="int8"))
+    model = models.create("camnet")
+    with torch.no_grad():
+        model.head.fc.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match="head.fc.weight reaches 1e\\+06, beyond float16's range"):
+        round_weights(model, "float16")
+    assert not list(tmp_path.iterdir())
+
+
 def test_file_size_in_metadata_is_the_real_size(saved):
     path, _ = saved
     assert read_metadata(path)["metrics"]["file_size"] == path.stat().st_size == len(path.read_bytes())

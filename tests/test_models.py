@@ -168,6 +168,23 @@ def test_airnet_translate_tta_adds_airbench_level_two():
         models.create("airnet", widths=(8, 16, 16), translate_tta=True)
 
 
+def test_airnet_residual_adds_airbench96s_third_conv_with_a_skip():
+    plain = models.create("airnet", widths=(8, 16, 16))
+    model = models.create("airnet", widths=(8, 16, 16), residual=True).eval()
+    extra = sum(9 * width * width + 2 * width for width in (8, 16, 16))  # conv + fixed-scale BN per group
+    assert models.count_parameters(model) == models.count_parameters(plain) + extra == 16_264
+    assert models.count_parameters(models.create("airnet", widths=(128, 384, 384), residual=True)) == 7_409_976
+    group = model.features[2]
+    x = torch.randn(2, 24, 31, 31)
+    with torch.no_grad():
+        shortcut = group[3](group[2](group[1](group[0](x))))
+        branch = group[9](group[8](group[7](group[6](group[5](group[4](shortcut))))))
+        torch.testing.assert_close(group(x), shortcut + branch)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert list(plain.state_dict()) == [name for name in model.state_dict()
+                                        if not name.split(".")[2] in {"7", "8"}]  # plain keys unchanged
+
+
 def _randomize_batchnorm(model: torch.nn.Module) -> None:
     """Non-trivial running statistics and affine parameters, so folding has something to fold."""
     torch.manual_seed(1)

@@ -1,11 +1,12 @@
-"""``airnet``: the fast CIFAR teacher, after Keller Jordan's airbench94 (arXiv:2404.00498).
+"""``airnet``: the fast CIFAR teacher, after Keller Jordan's airbench94/96 (arXiv:2404.00498).
 
-A VGG-like net without residuals: a 2x2 patch-whitening convolution initialised from the training
+A VGG-like net (no residuals by default): a 2x2 patch-whitening convolution initialised from the training
 images (weights and bias kept frozen), then three conv groups (64, 256, 256 channels) of
 conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU, a global max pool and a bias-free linear head
 scaled by 1/9. BatchNorm scales stay fixed at one, so every conv is scale-invariant and trains
 well at the large learning rates that make the recipe fast. Convs start as partial identities
-(Dirac init), as in airbench.
+(Dirac init), as in airbench. ``residual=True`` adds airbench96's third conv -> BN -> GELU to each
+group, its last two convs forming a residual branch around the first's output.
 
 ``flip_tta=True`` makes the model's prediction, ``forward(x)`` in eval mode, the mean of the logits
 for the image and its mirror image (airbench's test-time augmentation): about one point more on
@@ -40,13 +41,29 @@ class _DiracConv(nn.Conv2d):
 
 
 class _ConvGroup(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(
-            _DiracConv(in_channels, out_channels), nn.MaxPool2d(2),
-            _FixedScaleBatchNorm(out_channels), nn.GELU(),
-            _DiracConv(out_channels, out_channels),
-            _FixedScaleBatchNorm(out_channels), nn.GELU(),
-        )
+    """conv -> maxpool -> BN -> GELU -> conv -> BN -> GELU; with ``residual=True`` (airbench96) a
+    third conv -> BN -> GELU follows and the last two convs' output is added to the first's."""
+
+    def __init__(self, in_channels: int, out_channels: int, residual: bool = False):
+        layers = [_DiracConv(in_channels, out_channels), nn.MaxPool2d(2),
+                  _FixedScaleBatchNorm(out_channels), nn.GELU(),
+                  _DiracConv(out_channels, out_channels), _FixedScaleBatchNorm(out_channels), nn.GELU()]
+        if residual:
+            layers += [_DiracConv(out_channels, out_channels), _FixedScaleBatchNorm(out_channels), nn.GELU()]
+        super().__init__(*layers)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return super().forward(x)
+        layers = list(self)
+        shortcut = x
+        for layer in layers[:4]:
+            shortcut = layer(shortcut)
+        out = shortcut
+        for layer in layers[4:]:
+            out = layer(out)
+        return out + shortcut
 
 
 class _GlobalMaxLinearHead(nn.Module):
@@ -63,7 +80,7 @@ class _GlobalMaxLinearHead(nn.Module):
 class AirNet(Classifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
                  widths: tuple[int, int, int] = (64, 256, 256), flip_tta: bool = False,
-                 translate_tta: bool = False):
+                 translate_tta: bool = False, residual: bool = False):
         super().__init__()
         if translate_tta and not flip_tta:
             raise ValueError("translate_tta builds on flip_tta (airbench's level 2); set both")
@@ -74,9 +91,9 @@ class AirNet(Classifier):
         whiten.requires_grad_(False)  # filters set from data (init_from_data), then kept fixed
         self.features = nn.Sequential(
             whiten, nn.GELU(),
-            _ConvGroup(whiten_width, widths[0]),   # (B, 64, 15, 15) for 32x32 input
-            _ConvGroup(widths[0], widths[1]),      # (B, 256, 7, 7)
-            _ConvGroup(widths[1], widths[2]),      # (B, 256, 3, 3)
+            _ConvGroup(whiten_width, widths[0], residual),   # (B, 64, 15, 15) for 32x32 input
+            _ConvGroup(widths[0], widths[1], residual),      # (B, 256, 7, 7)
+            _ConvGroup(widths[1], widths[2], residual),      # (B, 256, 3, 3)
         )
         self.head = _GlobalMaxLinearHead(widths[2], num_classes, scale=1 / 9)
 

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import write_image_folder
 from kd_core.checkpoint import file_sha256, load_checkpoint, read_metadata, weights_sha256
@@ -180,6 +181,26 @@ def test_reparameterized_student_ships_as_the_plain_net(capsys, workdir, folder_
     code, out, _ = run_cli(capsys, "evaluate", path, "--cache-dir", workdir / "cache", "--json")
     (report,) = json.loads(out)
     assert round(report["top1"], 2) == checkpoint.meta["metrics"]["test_top1"]
+
+
+def test_float16_weights_are_what_is_evaluated_and_stored(capsys, workdir, folder_data):
+    code, _, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "full"))
+    assert code == 0
+    code, out, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, "--weights-dtype", "float16",
+                           *common(workdir, "half"))
+    assert code == 0, out
+    full, half = workdir / "ck" / "full.safetensors", workdir / "ck" / "half.safetensors"
+    meta = read_metadata(half)
+    assert meta["weights_dtype"] == "float16" and read_metadata(full)["weights_dtype"] == "float32"
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.51
+    model = load_checkpoint(half).model
+    assert all(torch.equal(p, p.half().float()) for p in model.parameters())  # float16 values in float32
+    code, out, _ = run_cli(capsys, "evaluate", half, "--cache-dir", workdir / "cache", "--json")
+    (report,) = json.loads(out)
+    assert round(report["top1"], 2) == meta["metrics"]["test_top1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, "--weights-dtype", "int8")
+    assert exit_info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
 
 
 def test_reproduce_command_names_every_difference_from_the_recipe():

@@ -56,10 +56,9 @@ class LoadedCheckpoint:
         return self.meta["data"]["classes"]
 
 
-def _state_tensors(model: torch.nn.Module, weights_dtype: str = "float32") -> dict[str, torch.Tensor]:
+def _state_tensors(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    if weights_dtype != "float32":
-        dtype = WEIGHTS_DTYPES[weights_dtype]
+    if dtype != torch.float32:
         for name, _ in model.named_parameters():
             if name in tensors and tensors[name].is_floating_point():
                 tensors[name] = tensors[name].to(dtype)
@@ -113,9 +112,7 @@ def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dic
     meta.setdefault("format", FORMAT)
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     meta.setdefault("metrics", {})
-    weights_dtype = meta.setdefault("weights_dtype", "float32")
-    check_weights_dtype(weights_dtype)
-    tensors = _state_tensors(model, weights_dtype)
+    tensors = _state_tensors(model, check_weights_dtype(meta.setdefault("weights_dtype", "float32")))
     size = 0
     for _ in range(5):  # the size is part of the header, so iterate until it is a fixed point
         meta["metrics"]["file_size"] = size

@@ -130,9 +130,13 @@ def test_resnet_depth_must_be_6n_plus_2():
         CifarResNet(21)
 
 
-def test_airnet_flip_tta_averages_the_mirror_image_in_eval_mode_only():
+TTA_MODELS = [("airnet", {"widths": (8, 16, 16)}), ("camnet", {}), ("camnet_rep", {})]
+
+
+@pytest.mark.parametrize("arch,kw", TTA_MODELS)
+def test_flip_tta_averages_the_mirror_image_in_eval_mode_only(arch, kw):
     torch.manual_seed(0)
-    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True).eval()
+    model = models.create(arch, flip_tta=True, **kw).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         single = model.forward_head(model.forward_features(x))
@@ -141,14 +145,15 @@ def test_airnet_flip_tta_averages_the_mirror_image_in_eval_mode_only():
         assert not torch.allclose(single, mirrored)  # the average differs from either view
         model.train()
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
-    assert models.count_parameters(model) == models.count_parameters(models.create("airnet", widths=(8, 16, 16)))
+    assert models.count_parameters(model) == models.count_parameters(models.create(arch, **kw))
 
 
-def test_airnet_translate_tta_adds_airbench_level_two():
+@pytest.mark.parametrize("arch,kw", TTA_MODELS)
+def test_translate_tta_adds_airbench_level_two(arch, kw):
     """Half the mirror pair, plus a quarter each for the pairs shifted one pixel up-left and
     down-right with reflect padding: six single-view passes."""
     torch.manual_seed(0)
-    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True, translate_tta=True).eval()
+    model = models.create(arch, flip_tta=True, translate_tta=True, **kw).eval()
     x = torch.randn(2, 3, 32, 32)
 
     def pair(images):
@@ -165,7 +170,7 @@ def test_airnet_translate_tta_adds_airbench_level_two():
         model.train()
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
     with pytest.raises(ValueError, match="flip_tta"):
-        models.create("airnet", widths=(8, 16, 16), translate_tta=True)
+        models.create(arch, translate_tta=True, **kw)
 
 
 def test_airnet_residual_adds_airbench96s_third_conv_with_a_skip():
@@ -215,6 +220,19 @@ def test_camnet_rep_folds_exactly_into_camnet(expand):
         torch.testing.assert_close(plain.forward_features(x), trained.forward_features(x), atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(plain(x), trained(x), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(plain.linear_cam_weight(), trained.linear_cam_weight())
+
+
+def test_camnet_rep_passes_its_test_time_augmentation_to_the_plain_net():
+    torch.manual_seed(0)
+    trained = models.create("camnet_rep", flip_tta=True, translate_tta=True)
+    _randomize_batchnorm(trained)
+    arch, args, plain = trained.reparameterize()
+    assert args == {"num_classes": 10, "in_channels": 3, "flip_tta": True, "translate_tta": True}
+    assert plain.flip_tta and plain.translate_tta
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), atol=2e-5, rtol=1e-5)
+        assert not torch.allclose(plain(x), plain.single_pass(x), atol=1e-4)
 
 
 def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():

@@ -18,7 +18,6 @@ weighted half against the unshifted pair (six passes in all). ``forward_features
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Classifier
@@ -82,10 +81,7 @@ class AirNet(Classifier):
                  widths: tuple[int, int, int] = (64, 256, 256), flip_tta: bool = False,
                  translate_tta: bool = False, residual: bool = False):
         super().__init__()
-        if translate_tta and not flip_tta:
-            raise ValueError("translate_tta builds on flip_tta (airbench's level 2); set both")
-        self.flip_tta = flip_tta
-        self.translate_tta = translate_tta
+        self.set_tta(flip_tta, translate_tta)
         whiten_width = 2 * in_channels * 2 * 2
         whiten = nn.Conv2d(in_channels, whiten_width, 2, padding=0)  # (B, 24, H-1, W-1)
         whiten.requires_grad_(False)  # filters set from data (init_from_data), then kept fixed
@@ -96,20 +92,6 @@ class AirNet(Classifier):
             _ConvGroup(widths[1], widths[2], residual),      # (B, 256, 3, 3)
         )
         self.head = _GlobalMaxLinearHead(widths[2], num_classes, scale=1 / 9)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.flip_tta:
-            return super().forward(x)
-        logits = self._mirror_mean(x)
-        if self.translate_tta:
-            height, width = x.shape[-2:]
-            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-            up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
-            logits = 0.5 * logits + 0.25 * (self._mirror_mean(up_left) + self._mirror_mean(down_right))
-        return logits
-
-    def _mirror_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (super().forward(x) + super().forward(x.flip(-1)))
 
     @property
     def whiten(self) -> nn.Conv2d:

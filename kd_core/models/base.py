@@ -1,7 +1,8 @@
 """The contract every classifier in the zoo follows.
 
-``forward(x) == forward_head(forward_features(x))`` (a model may add test-time augmentation to
-``forward`` in eval mode, as airnet's ``flip_tta`` does; :class:`SingleView` gives one pass). ``forward_features`` returns the last spatial
+``forward(x) == forward_head(forward_features(x))``, except that a model built with test-time
+augmentation (:meth:`Classifier.set_tta`: airbench's mirror image, and its one-pixel shifts) averages
+several such passes in eval mode; :class:`SingleView` gives one pass. ``forward_features`` returns the last spatial
 feature map ``(B, C, H, W)``; feature matching, the CAM losses and the dashboard's Grad-CAM all
 read that same tensor. ``cam_layer`` is the dotted name of the submodule whose output it is, so
 hook-based tools (the grad-cam package) find it by name.
@@ -9,11 +10,38 @@ hook-based tools (the grad-cam package) find it by name.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def mirror_mean(single_pass, x: torch.Tensor) -> torch.Tensor:
+    """Mean logits of ``x`` and its mirror image."""
+    return 0.5 * (single_pass(x) + single_pass(x.flip(-1)))
+
+
+def shifted_mirror_mean(single_pass, x: torch.Tensor) -> torch.Tensor:
+    """airbench's level-2 test-time augmentation: the mirror pair of ``x``, weighted half, and the
+    mirror pairs of ``x`` shifted one pixel up-left and one down-right (reflect padding), a quarter
+    each: six passes."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
+    return 0.5 * mirror_mean(single_pass, x) + 0.25 * (mirror_mean(single_pass, up_left) +
+                                                       mirror_mean(single_pass, down_right))
 
 
 class Classifier(nn.Module):
     cam_layer: str | None = "features"  # None: no spatial map, so no CAM (e.g. an MLP)
+    flip_tta: bool = False       # eval-mode forward averages the mirror image (set_tta)
+    translate_tta: bool = False  # ... and the one-pixel shifts of both
+
+    def set_tta(self, flip_tta: bool = False, translate_tta: bool = False) -> None:
+        """Test-time augmentation of ``forward`` in eval mode (training is unaffected): with
+        ``flip_tta`` the mean logits of the image and its mirror image (two passes, about a point
+        more on CIFAR-10), with ``translate_tta`` too airbench's level 2 (six passes)."""
+        if translate_tta and not flip_tta:
+            raise ValueError("translate_tta builds on flip_tta (airbench's level 2); set both")
+        self.flip_tta, self.translate_tta = bool(flip_tta), bool(translate_tta)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -21,8 +49,13 @@ class Classifier(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def single_pass(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.flip_tta:
+            return self.single_pass(x)
+        return (shifted_mirror_mean if self.translate_tta else mirror_mean)(self.single_pass, x)
 
     def linear_cam_weight(self) -> torch.Tensor | None:
         """``(num_classes, C)`` weight when the head is global-average-pool then linear.
@@ -49,7 +82,7 @@ class SingleView(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x))
+        return self.model.single_pass(x)
 
     def cam_module(self) -> nn.Module:
         return self.model.cam_module()

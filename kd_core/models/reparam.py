@@ -79,9 +79,11 @@ class RepCamNet(GapLinearClassifier):
     """CAM-Net in re-parameterizable training form; :meth:`reparameterize` gives the plain
     96,170-parameter ``camnet`` computing the same function (in eval mode)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, expand: int = 1):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, expand: int = 1, flip_tta: bool = False,
+                 translate_tta: bool = False):
         super().__init__()
         self.num_classes, self.in_channels, self.expand = num_classes, in_channels, expand
+        self.set_tta(flip_tta, translate_tta)  # the plain net keeps them
         self.features = nn.Sequential(
             RepConv3x3(in_channels, 128, stride=2, padding=1, expand=expand),
             nn.LeakyReLU(0.2),
@@ -97,6 +99,8 @@ class RepCamNet(GapLinearClassifier):
     def reparameterize(self) -> tuple[str, dict[str, Any], CamNet]:
         """The registry name and arguments of the plain net, and that net with the folded weights."""
         args = {"num_classes": self.num_classes, "in_channels": self.in_channels}
+        if self.flip_tta:
+            args.update(flip_tta=True, translate_tta=self.translate_tta)
         plain = CamNet(**args)
         for index in (0, 3, 6):
             weight, bias = self.features[index].fold()

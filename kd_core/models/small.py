@@ -15,10 +15,13 @@ def _same_maxpool_2x2() -> nn.Sequential:
 
 
 class CamNet(GapLinearClassifier):
-    """CAM-KD's 96,170-parameter student; global-average-pool head, so its CAM is exact."""
+    """CAM-KD's 96,170-parameter student; global-average-pool head, so its CAM is exact.
+    ``flip_tta``/``translate_tta``: test-time augmentation of its predictions (:meth:`Classifier.set_tta`)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, flip_tta: bool = False,
+                 translate_tta: bool = False):
         super().__init__()
+        self.set_tta(flip_tta, translate_tta)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 128, 3, stride=2, padding=1),  # (B, 128, H/2, W/2)
             nn.LeakyReLU(0.2),

@@ -208,7 +208,7 @@ def test_reproduce_command_names_every_difference_from_the_recipe():
 
     recipe = get("camnet-kd-cam")
     meta = {"recipe": "camnet-kd-cam", "config": json.loads(json.dumps(recipe.config.to_dict())),
-            "arch_args": {"num_classes": 10, "in_channels": 3}}
+            "arch_args": {"num_classes": 10, "in_channels": 3, "flip_tta": True, "translate_tta": True}}
     assert reproduce_command(meta) == "python -m kd_core distill --recipe camnet-kd-cam"
     meta["config"].update(epochs=7, lr=0.125, device="cuda")  # the device is not a difference
     meta["config"]["augment"]["cutout"] = 8

@@ -137,9 +137,8 @@ _add(Recipe("camnet-kd", "camnet", "student", replace(_CAMNET, loss_weights={"ce
 # At T=4 airnet's label-smoothed logits are nearly uniform (mean top probability 0.22) and KD cost
 # camnet points; at T=1 (top probability 0.81) a 6-epoch run reached 67.94% against 65.54% at T=4.
 # It predicts with airbench's level-2 test-time augmentation, like its teacher.
-_CAMNET_REP = replace(_CAMNET, epochs=30)
 _add(Recipe("camnet-kd-cam", "camnet_rep", "student",
-            replace(_CAMNET_REP, epochs=36, temperature=1, eval_every=0,
+            replace(_CAMNET, epochs=36, temperature=1, eval_every=0,
                     loss_weights={"ce": 0.25, "kd": 0.75, "cam": 1.0}),
             "CAM-KD's student (trained re-parameterized, shipped plain) with Hinton KD and CAM alignment from airnet",
             teacher="airnet", arch_args={"flip_tta": True, "translate_tta": True}, published="CAM-KD: 68.3%"))

@@ -8,12 +8,8 @@ well at the large learning rates that make the recipe fast. Convs start as parti
 (Dirac init), as in airbench. ``residual=True`` adds airbench96's third conv -> BN -> GELU to each
 group, its last two convs forming a residual branch around the first's output.
 
-``flip_tta=True`` makes the model's prediction, ``forward(x)`` in eval mode, the mean of the logits
-for the image and its mirror image (airbench's test-time augmentation): about one point more on
-CIFAR-10 for twice the inference cost. ``translate_tta=True`` adds airbench's second level: the
-image shifted one pixel up-left and one down-right (reflect padding), each with its mirror image,
-weighted half against the unshifted pair (six passes in all). ``forward_features``/``forward_head``
-(CAMs, distillation targets) stay single-view, and training (train mode) is unaffected.
+``flip_tta``/``translate_tta``: airbench's test-time augmentation of the prediction (the mirror
+image, then also one-pixel shifts; :meth:`Classifier.set_tta`), about one point more on CIFAR-10.
 """
 from __future__ import annotations
 

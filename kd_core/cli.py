@@ -376,10 +376,13 @@ def _markdown_table(rows: list[dict]) -> str:
 
 
 def _training_time(meta: dict) -> str:
-    """``8.5 min, 20 epochs`` (+ the teacher bank's build when the run made one)."""
+    """``8.5 min, 20 epochs`` (+ the teacher bank's build, by this run or by the earlier one whose
+    cached bank it reused)."""
     text = f"{meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs"
     if meta.get("teacher_bank_seconds"):
-        text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({meta['config']['teacher_views']} views)"
+        views = meta["config"]["teacher_views"]
+        reused = ", built by an earlier run" if meta.get("teacher_bank_reused") else ""
+        text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({views} views{reused})"
     return text
 
 

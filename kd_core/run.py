@@ -122,7 +122,8 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
                      **({"test_top1": round(info.test["test_top1"], 2)} if "test_top1" in info.test else {})}
                     for info in result.history],
         "train_seconds": round(result.train_seconds, 1),
-        "teacher_bank_seconds": round(result.bank_seconds, 3),  # 0: no bank, or one reused from the cache
+        "teacher_bank_seconds": round(result.bank_seconds, 3),  # its build, here or by the run that cached it
+        **({"teacher_bank_reused": True} if result.bank_reused else {}),
         "wall_seconds": round(time.time() - started, 1),
         "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else
                                          f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),

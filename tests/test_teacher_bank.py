@@ -87,6 +87,9 @@ def test_banks_are_saved_and_reused(tmp_path):
     first = load_or_build_bank(tmp_path, "key", build, padding=2)
     second = load_or_build_bank(tmp_path, "key", build, padding=2)
     assert len(calls) == 1
+    # the cached file remembers what the build cost (to the millisecond), for runs that reuse it
+    assert not first.reused and first.build_seconds > 0
+    assert second.reused and second.build_seconds == pytest.approx(first.build_seconds, abs=5e-4)
     for name, tensor in first.tensors().items():
         assert torch.equal(second.tensors()[name], tensor), name
     (saved,) = (tmp_path / "teacher-banks").glob("*.safetensors")

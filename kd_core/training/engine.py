@@ -67,7 +67,9 @@ class TrainResult:
     train_seconds: float
     stopped: bool = False
     epochs_done: int = 0
-    bank_seconds: float = 0.0             # building the teacher bank (0 when loaded or unused)
+    bank_seconds: float = 0.0             # building the teacher bank, in this run or, when reused, the run that
+                                          # cached it (0: no bank, or a cached one without that record)
+    bank_reused: bool = False             # the bank came from the cache
     extra: dict = field(default_factory=dict)
 
 
@@ -109,7 +111,7 @@ class Trainer:
         self.start_epoch, self.train_seconds, self.history = 0, 0.0, []
         self.global_step = 0
         self.stop_requested = False
-        self.bank_seconds = 0.0
+        self.bank_seconds, self.bank_reused = 0.0, False
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -147,18 +149,16 @@ class Trainer:
                        cam_target, config.seed, features)
 
         def build():
-            started = time.perf_counter()
-            bank = build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
+            return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, features=features,
                               device=self.device, channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
                               should_stop=lambda: self.stop_requested)
-            self.bank_seconds = time.perf_counter() - started
-            return bank
 
         bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
         if bank is None:
             return
+        self.bank_seconds, self.bank_reused = bank.build_seconds or 0.0, bank.reused
         self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,
                                        drop_last=self.train_loader.drop_last, device=self.device, seed=config.seed,
                                        channels_last=config.channels_last)
@@ -320,4 +320,5 @@ class Trainer:
         done = len(self.history)
         last_test = self.history[-1].test.get("test_top1") if self.history else None
         return TrainResult(self.evaluation_model(), self.history, last_test, self.train_seconds,
-                           stopped=self.stop_requested, epochs_done=done, bank_seconds=self.bank_seconds)
+                           stopped=self.stop_requested, epochs_done=done, bank_seconds=self.bank_seconds,
+                           bank_reused=self.bank_reused)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..cam import class_activation_map
@@ -53,6 +55,8 @@ class TeacherBank:
     logits: torch.Tensor          # (V, N, K) float32
     cams: torch.Tensor | None     # (V, N, h, w) float32, or None without a CAM term
     features: torch.Tensor | None = None  # (V, N, C, h, w) bfloat16, kept for feature-reading terms
+    build_seconds: float | None = None    # how long building it took (read back from a cached file)
+    reused: bool = False                  # loaded from the cache rather than built by this run
 
     @property
     def views(self) -> int:
@@ -174,20 +178,28 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
                        padding: int) -> TeacherBank | None:
     """The bank saved under ``key`` in ``cache_dir``, else ``build()`` and save it (atomically).
     ``cache_dir=None`` keeps the bank in memory only. A damaged file is rebuilt, never trusted; an
-    abandoned build (None) is not saved."""
+    abandoned build (None) is not saved. The file records how long the build took, so a run that
+    reuses the bank can still report what the bank cost."""
     path = Path(cache_dir) / "teacher-banks" / f"{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         try:
             tensors = load_file(path)
+            with safe_open(path, "pt") as handle:
+                seconds = (handle.metadata() or {}).get("build_seconds")
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
-                               tensors.get("cams"), tensors.get("features"))
+                               tensors.get("cams"), tensors.get("features"),
+                               build_seconds=float(seconds) if seconds else None, reused=True)
         except Exception:
             path.unlink(missing_ok=True)
+    started = time.perf_counter()
     bank = build()
+    if bank is not None:
+        bank.build_seconds = time.perf_counter() - started
     if bank is not None and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(bank.tensors(), str(temporary), metadata={"version": str(BANK_VERSION)})
+        save_file(bank.tensors(), str(temporary),
+                  metadata={"version": str(BANK_VERSION), "build_seconds": f"{bank.build_seconds:.3f}"})
         os.replace(temporary, path)
     return bank
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..cam import class_activation_map
 from ..data import AugmentConfig, BatchLoader, normalize
@@ -183,8 +183,8 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
     path = Path(cache_dir) / "teacher-banks" / f"{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         try:
-            tensors = load_file(path)
-            with safe_open(path, "pt") as handle:
+            with safe_open(path, "pt") as handle:  # one read: the tensors and the build time
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
                 seconds = (handle.metadata() or {}).get("build_seconds")
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
                                tensors.get("cams"), tensors.get("features"),

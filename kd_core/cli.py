@@ -92,6 +92,9 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
                           help="0: run the teacher at every step; N: run it once on N random crop/flip views of "
                                "every training image, keep its outputs in the cache folder and train on those views "
                                "(much faster with a large teacher; kd and cam terms only)")
+        loss.add_argument("--mirror-views", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --teacher-views: also train on each view's mirror image, reusing that view's "
+                               "teacher outputs (twice the distinct images for the same teacher cost)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +183,7 @@ def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) 
             overrides["loss_weights"] = weights
         elif not args.recipe:
             overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
-        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views"):
+        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
     return replace(base, **overrides).validate()

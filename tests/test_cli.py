@@ -214,6 +214,9 @@ def test_reproduce_command_names_every_difference_from_the_recipe():
     meta["config"]["augment"]["cutout"] = 8
     assert reproduce_command(meta) == ("python -m kd_core distill --recipe camnet-kd-cam --epochs 7 --lr 0.125 "
                                        "(and settings that differ in augment)")
+    meta["config"]["mirror_views"] = True  # a switch is named as one
+    assert reproduce_command(meta) == ("python -m kd_core distill --recipe camnet-kd-cam --epochs 7 --lr 0.125 "
+                                       "--mirror-views (and settings that differ in augment)")
     airnet = get("airnet")
     meta = {"recipe": "airnet", "config": json.loads(json.dumps(airnet.config.to_dict())),
             "arch_args": {"num_classes": 10, "in_channels": 3, "widths": [64, 256, 256], "flip_tta": True}}
@@ -259,3 +262,16 @@ def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, 
     second_row = next(line for line in out.splitlines() if line.startswith("| second |"))
     assert f"{built['teacher_bank_seconds'] / 60:.1f} min teacher bank (3 views)" in first_row
     assert f"{built['teacher_bank_seconds'] / 60:.1f} min teacher bank (3 views, built by an earlier run)" in second_row
+
+
+def test_mirror_views_switch_reaches_the_config():
+    from kd_core import recipes
+    from kd_core.cli import _resolve_config
+
+    parser = build_parser()
+    on = _resolve_config(parser.parse_args(["distill", "--recipe", "airnet-micro-kd", "--mirror-views"]),
+                         recipes.get("airnet-micro-kd").config, distill=True)
+    assert on.mirror_views and on.teacher_views == 16
+    off = _resolve_config(parser.parse_args(["distill", "--recipe", "airnet-micro-kd", "--no-mirror-views"]),
+                          on, distill=True)
+    assert not off.mirror_views

@@ -225,3 +225,51 @@ def test_a_bank_whose_feature_maps_would_not_fit_is_refused(monkeypatch):
     settings = TrainConfig(epochs=1, batch_size=16, teacher_views=2, loss_weights={"ce": 0.5, "feature": 1.0})
     with pytest.raises(ValueError, match=r"would hold 0\.0 GB of teacher feature maps \(\(64, 4, 4\) per view"):
         Trainer(student(), synthetic_bundle(train_size=64), settings, teacher=teacher())
+
+
+def test_a_mirrored_view_is_the_views_mirror_image_with_its_logits_and_mirrored_maps():
+    data = synthetic_bundle(train_size=40)
+    model = teacher()
+    bank = build_bank(model, data.train, data.mean, data.std, AUGMENT, views=2, cam_target="teacher", seed=4,
+                      features=True, batch_size=16)
+    index, view = torch.arange(40), torch.tensor([0, 1] * 20)
+    mirror = torch.arange(40) % 3 == 0
+    images = data.train.images.float() / 255
+    plain, mirrored = bank.view_images(images, index, view), bank.view_images(images, index, view, mirror)
+    assert torch.equal(mirrored[mirror], plain[mirror].flip(3)) and torch.equal(mirrored[~mirror], plain[~mirror])
+    same, flipped = bank.targets(index, view, torch.device("cpu")), bank.targets(index, view, torch.device("cpu"), mirror)
+    assert torch.equal(flipped.logits, same.logits)  # the view's own logits
+    assert torch.equal(flipped.cams[mirror], same.cams[mirror].flip(-1))
+    assert torch.equal(flipped.cams[~mirror], same.cams[~mirror])
+    assert torch.equal(flipped.features[mirror], same.features[mirror].flip(-1))
+
+
+def test_a_mirroring_loader_shows_both_orientations_of_every_view_with_its_targets(tmp_path):
+    data = synthetic_bundle(train_size=16)
+    bank = build_bank(teacher(), data.train, data.mean, data.std, AugmentConfig(crop_padding=0, flip=False),
+                      views=1, seed=0)
+    loader = BankLoader(data.train, bank, 16, data.mean, data.std, seed=0, mirror=True)
+    upright = normalize(data.train.images.float() / 255, data.mean, data.std)
+    seen = set()
+    for _ in range(8):
+        for images, _, targets in loader:
+            for image, logits in zip(images, targets.logits):
+                sample = int(torch.argmin(torch.minimum((upright - image).abs().flatten(1).sum(1),
+                                                        (upright.flip(3) - image).abs().flatten(1).sum(1))))
+                mirrored = torch.equal(image, upright[sample].flip(2))
+                assert mirrored or torch.equal(image, upright[sample])
+                assert torch.equal(logits, bank.logits[0, sample])  # a mirror keeps its view's logits
+                seen.add((sample, mirrored))
+    assert len(seen) == 32  # every image in both orientations (8 draws each)
+
+    settings = TrainConfig(epochs=1, batch_size=16, augment=AUGMENT, teacher_views=2, mirror_views=True,
+                           loss_weights={"ce": 0.5, "kd": 0.5})
+    trainer = Trainer(student(), data, settings, teacher=teacher(), bank_dir=tmp_path)
+    trainer.fit()
+    assert trainer.train_loader.mirror
+
+
+def test_mirrored_views_need_a_bank():
+    with pytest.raises(ValueError, match="mirrored views need a teacher bank"):
+        TrainConfig(mirror_views=True).validate()
+    TrainConfig(mirror_views=True, teacher_views=2).validate()

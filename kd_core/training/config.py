@@ -42,6 +42,7 @@ class TrainConfig:
     # 0: run the teacher at every step; N: run it once on N augmented views of every training image
     # and train on those views (see kd_core.training.teacher_bank)
     teacher_views: int = 0
+    mirror_views: bool = False      # also train on each banked view's mirror image, with that view's targets
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first impossible value."""
@@ -61,6 +62,7 @@ class TrainConfig:
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.eval_every >= 0, f"eval interval must not be negative, got {self.eval_every}"),
             (self.teacher_views >= 0, f"teacher views must not be negative, got {self.teacher_views}"),
+            (not self.mirror_views or self.teacher_views > 0, "mirrored views need a teacher bank (teacher views > 0)"),
             (self.temperature > 0, f"temperature T must be positive, got {self.temperature}"),
             (self.cam_target in ("teacher", "label"), f"CAM target must be teacher or label, got {self.cam_target!r}"),
             (self.cam_distance in ("l1", "mse"), f"CAM distance must be l1 or mse, got {self.cam_distance!r}"),

@@ -161,7 +161,7 @@ class Trainer:
         self.bank_seconds, self.bank_reused = bank.build_seconds or 0.0, bank.reused
         self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,
                                        drop_last=self.train_loader.drop_last, device=self.device, seed=config.seed,
-                                       channels_last=config.channels_last)
+                                       channels_last=config.channels_last, mirror=config.mirror_views)
 
     def _maybe_init_from_data(self) -> None:
         init = getattr(self.model, "init_from_data", None)

@@ -62,16 +62,29 @@ class TeacherBank:
     def views(self) -> int:
         return self.logits.shape[0]
 
-    def view_images(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` -> their views ``view`` ``(B,)``."""
+    def view_images(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor,
+                    mirror: torch.Tensor | None = None) -> torch.Tensor:
+        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` -> their views ``view`` ``(B,)``,
+        mirrored where ``mirror`` ``(B,)`` is true."""
         if self.padding > 0:
             images = crop(images, self.padding, self.offsets[view, :, index].T)
-        return flip_where(images, self.flips[view, index])
+        flips = self.flips[view, index]
+        return flip_where(images, flips ^ mirror if mirror is not None else flips)
 
-    def targets(self, index: torch.Tensor, view: torch.Tensor, device: torch.device) -> TeacherTargets:
-        cams = self.cams[view, index].to(device) if self.cams is not None else None
-        features = self.features[view, index].to(device).float() if self.features is not None else None
-        return TeacherTargets(self.logits[view, index].to(device), cams, features)
+    def targets(self, index: torch.Tensor, view: torch.Tensor, device: torch.device,
+                mirror: torch.Tensor | None = None) -> TeacherTargets:
+        """The teacher's outputs for those views. A mirrored view reuses its view's logits (a teacher
+        trained with flips scores an image and its mirror image alike) and mirrors its maps."""
+        def maps(bank: torch.Tensor | None) -> torch.Tensor | None:
+            if bank is None:
+                return None
+            chosen = bank[view, index]
+            if mirror is not None:
+                chosen = torch.where(mirror.view(-1, *[1] * (chosen.dim() - 1)), chosen.flip(-1), chosen)
+            return chosen.to(device)
+        features = maps(self.features)
+        return TeacherTargets(self.logits[view, index].to(device), maps(self.cams),
+                              features.float() if features is not None else None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"offsets": self.offsets, "flips": self.flips.to(torch.uint8), "logits": self.logits}
@@ -206,18 +219,20 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
 
 class BankLoader(BatchLoader):
     """Batches ``(images, labels, TeacherTargets)``: each sample shows one of its bank's views,
-    drawn anew every epoch."""
+    drawn anew every epoch. ``mirror``: each view is also offered as its mirror image, with the
+    view's targets (see ``TeacherBank.targets``): twice the distinct images for the same bank."""
 
     def __init__(self, split: Split, bank: TeacherBank, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  drop_last: bool = False, device: torch.device | str = "cpu", seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, mirror: bool = False):
         super().__init__(split, batch_size, mean, std, shuffle=True, augment=None, drop_last=drop_last,
                          device=device, seed=seed, channels_last=channels_last)
-        self.bank = bank
+        self.bank, self.mirror = bank, mirror
 
     def batch(self, index: torch.Tensor) -> tuple:
         view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)
+        mirror = flip_draws(len(index), self.generator) if self.mirror else None
         images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
-        images = self.finish(self.bank.view_images(images, index, view))
+        images = self.finish(self.bank.view_images(images, index, view, mirror))
         labels = self.split.labels[index].to(self.device, non_blocking=True)
-        return images, labels, self.bank.targets(index, view, self.device)
+        return images, labels, self.bank.targets(index, view, self.device, mirror)

@@ -383,9 +383,9 @@ def _training_time(meta: dict) -> str:
     cached bank it reused)."""
     text = f"{meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs"
     if meta.get("teacher_bank_seconds"):
-        views = meta["config"]["teacher_views"]
+        views = f"{meta['config']['teacher_views']} views" + (" + mirrors" if meta["config"].get("mirror_views") else "")
         reused = ", built by an earlier run" if meta.get("teacher_bank_reused") else ""
-        text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({views} views{reused})"
+        text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({views}{reused})"
     return text
 
 

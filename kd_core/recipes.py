@@ -153,7 +153,7 @@ _add(Recipe("camnet-kd-cam", "camnet_rep", "student",
 # views each view came round 16 times (train 90%, test 86%); its bank holds 16 views: 86.54%.
 # It also trains on each view's mirror image with that view's targets (``mirror_views``): 32
 # distinct images per training image for the teacher cost of 16.
-_MICRO_EPOCHS = 130
+_MICRO_EPOCHS = 140
 _add(Recipe("airnet-micro-kd", "airnet", "student",
             replace(AIRNET, epochs=_MICRO_EPOCHS, warmup_epochs=0.23 * _MICRO_EPOCHS,
                     loss_weights={"ce": 0.25, "kd": 0.75}, temperature=4, teacher_views=16, mirror_views=True,

@@ -264,6 +264,14 @@ def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, 
     assert f"{built['teacher_bank_seconds'] / 60:.1f} min teacher bank (3 views, built by an earlier run)" in second_row
 
 
+def test_training_time_names_a_mirrored_bank():
+    from kd_core.cli import _training_time
+
+    meta = {"train_seconds": 600, "teacher_bank_seconds": 120, "teacher_bank_reused": True,
+            "config": {"epochs": 5, "teacher_views": 16, "mirror_views": True}}
+    assert _training_time(meta) == "10.0 min, 5 epochs + 2.0 min teacher bank (16 views + mirrors, built by an earlier run)"
+
+
 def test_mirror_views_switch_reaches_the_config():
     from kd_core import recipes
     from kd_core.cli import _resolve_config

@@ -9,7 +9,8 @@ for terms that read the teacher's feature map (FitNets hints, attention transfer
 it keeps that map too, in bfloat16.
 The student then trains on exactly those views, so its KD and CAM targets are the teacher's outputs
 for the very image it sees; what changes is only that an image offers ``views`` views instead of a
-fresh draw every epoch.
+fresh draw every epoch. With ``mirror`` a loader also shows each view as its mirror image, with
+the view's logits and its maps mirrored: twice the distinct images for the same teacher cost.
 
 A bank is saved in the cache folder under a key of the teacher's weights, the training images, the
 augmentation, the views, the CAM target, whether it keeps feature maps, and the seed, so the runs of

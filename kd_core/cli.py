@@ -95,6 +95,9 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss.add_argument("--mirror-views", action=argparse.BooleanOptionalAction, default=None,
                           help="with --teacher-views: also train on each view's mirror image, reusing that view's "
                                "teacher outputs (twice the distinct images for the same teacher cost)")
+        loss.add_argument("--distinct-views", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --teacher-views: give every image's views distinct crop windows (all windows "
+                               "before any repeats) rather than independent random ones, which repeat")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +186,8 @@ def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) 
             overrides["loss_weights"] = weights
         elif not args.recipe:
             overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
-        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views"):
+        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views",
+                    "distinct_views"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
     return replace(base, **overrides).validate()
@@ -383,7 +387,9 @@ def _training_time(meta: dict) -> str:
     cached bank it reused)."""
     text = f"{meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs"
     if meta.get("teacher_bank_seconds"):
-        views = f"{meta['config']['teacher_views']} views" + (" + mirrors" if meta["config"].get("mirror_views") else "")
+        config = meta["config"]
+        views = (f"{config['teacher_views']} {'distinct ' if config.get('distinct_views') else ''}views"
+                 + (" + mirrors" if config.get("mirror_views") else ""))
         reused = ", built by an earlier run" if meta.get("teacher_bank_reused") else ""
         text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({views}{reused})"
     return text

@@ -62,7 +62,7 @@ def trained_architecture(meta: dict[str, Any]) -> tuple[str | None, dict[str, An
 
 _FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "seed",
           "limit", "temperature")
-_SWITCHES = ("mirror_views",)  # boolean settings: --name / --no-name
+_SWITCHES = ("mirror_views", "distinct_views")  # boolean settings: --name / --no-name
 
 
 def reproduce_command(meta: dict[str, Any]) -> str | None:
@@ -72,9 +72,10 @@ def reproduce_command(meta: dict[str, Any]) -> str | None:
     if not name or name not in RECIPES:
         return None
     recipe = get(name)
-    saved = meta.get("config", {})
     current = json.loads(json.dumps(recipe.config.to_dict()))
-    differing = [key for key in current if key != "device" and key in saved and saved[key] != current[key]]
+    # a setting newer than the checkpoint was trained with its default
+    saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **meta.get("config", {})}
+    differing = [key for key in current if key != "device" and saved[key] != current[key]]
     command = recipe.command
     flags = [f"--{key.replace('_', '-')} {saved[key]:g}" if isinstance(saved[key], float) else
              f"--{key.replace('_', '-')} {saved[key]}" for key in differing if key in _FLAGS]
@@ -157,6 +158,7 @@ _MICRO_EPOCHS = 140
 _add(Recipe("airnet-micro-kd", "airnet", "student",
             replace(AIRNET, epochs=_MICRO_EPOCHS, warmup_epochs=0.23 * _MICRO_EPOCHS,
                     loss_weights={"ce": 0.25, "kd": 0.75}, temperature=4, teacher_views=16, mirror_views=True,
+                    distinct_views=True,
                     eval_every=0, augment=AugmentConfig(crop_padding=2, flip=True)),
             "airnet at 24/40/64 channels (94,776 parameters), Hinton KD from airnet", teacher="airnet",
             arch_args={"widths": (24, 40, 64), "flip_tta": True, "translate_tta": True},

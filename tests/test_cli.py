@@ -270,6 +270,9 @@ def test_training_time_names_a_mirrored_bank():
     meta = {"train_seconds": 600, "teacher_bank_seconds": 120, "teacher_bank_reused": True,
             "config": {"epochs": 5, "teacher_views": 16, "mirror_views": True}}
     assert _training_time(meta) == "10.0 min, 5 epochs + 2.0 min teacher bank (16 views + mirrors, built by an earlier run)"
+    meta["config"]["distinct_views"] = True
+    assert _training_time(meta) == ("10.0 min, 5 epochs + 2.0 min teacher bank "
+                                    "(16 distinct views + mirrors, built by an earlier run)")
 
 
 def test_mirror_views_switch_reaches_the_config():
@@ -283,3 +286,19 @@ def test_mirror_views_switch_reaches_the_config():
     off = _resolve_config(parser.parse_args(["distill", "--recipe", "airnet-micro-kd", "--no-mirror-views"]),
                           on, distill=True)
     assert not off.mirror_views
+
+
+def test_distinct_views_switch_reaches_the_config_and_the_reproduce_command():
+    from kd_core import recipes
+    from kd_core.cli import _resolve_config
+
+    recipe = recipes.get("airnet-micro-kd")
+    assert recipe.config.distinct_views
+    off = _resolve_config(build_parser().parse_args(["distill", "--recipe", "airnet-micro-kd", "--no-distinct-views"]),
+                          recipe.config, distill=True)
+    assert not off.distinct_views and off.mirror_views
+    meta = {"recipe": "airnet-micro-kd", "config": json.loads(json.dumps(off.to_dict())),
+            "arch_args": {"num_classes": 10, "in_channels": 3, **json.loads(json.dumps(recipe.arch_args))}}
+    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --no-distinct-views"
+    del meta["config"]["distinct_views"]  # saved before the setting existed: it ran with the default
+    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --no-distinct-views"

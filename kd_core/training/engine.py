@@ -146,14 +146,14 @@ class Trainer:
         # feature maps only for terms that read them: they make a bank many times larger
         features = bool(self.objective.needs_teacher_features)
         key = bank_key(self.teacher_sha256, self.train_split, config.augment, config.teacher_views,
-                       cam_target, config.seed, features)
+                       cam_target, config.seed, features, distinct=config.distinct_views)
 
         def build():
             return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, features=features,
                               device=self.device, channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
-                              should_stop=lambda: self.stop_requested)
+                              should_stop=lambda: self.stop_requested, distinct=config.distinct_views)
 
         bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
         if bank is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .recipes import Recipe, trained_architecture
+from .recipes import Recipe, saved_config, trained_architecture
 from .training import Callback, TrainConfig
 
 KINDS = ("ablation", "temperature", "seeds")
@@ -127,7 +127,7 @@ def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe,
     wanted = (recipe.arch, json.loads(json.dumps(recipe.arch_args)))
     for path, meta in candidates:
         recorded = meta.get("teacher") or {}
-        if (trained_architecture(meta) == wanted and meta["data"]["source"] == data and meta.get("config") == config
+        if (trained_architecture(meta) == wanted and meta["data"]["source"] == data and saved_config(meta) == config
                 and recorded.get("file") == (Path(teacher).name if teacher else None)
                 and (teacher_sha256 is None or recorded.get("weights_sha256") == teacher_sha256)):
             return path, meta
@@ -171,7 +171,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             distils = bool(set(run_config.loss_weights) - {"ce"})
             run_teacher = teacher_sha256 if distils else None
             done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
-            if done and done[0]["config"] != json.loads(json.dumps(run_config.to_dict())):
+            if done and saved_config(done[0]) != json.loads(json.dumps(run_config.to_dict())):
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
                                  "give the study another --output folder")
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:

@@ -293,12 +293,12 @@ def test_distinct_views_switch_reaches_the_config_and_the_reproduce_command():
     from kd_core.cli import _resolve_config
 
     recipe = recipes.get("airnet-micro-kd")
-    assert recipe.config.distinct_views
-    off = _resolve_config(build_parser().parse_args(["distill", "--recipe", "airnet-micro-kd", "--no-distinct-views"]),
-                          recipe.config, distill=True)
-    assert not off.distinct_views and off.mirror_views
-    meta = {"recipe": "airnet-micro-kd", "config": json.loads(json.dumps(off.to_dict())),
+    assert not recipe.config.distinct_views
+    on = _resolve_config(build_parser().parse_args(["distill", "--recipe", "airnet-micro-kd", "--distinct-views"]),
+                         recipe.config, distill=True)
+    assert on.distinct_views and on.mirror_views
+    meta = {"recipe": "airnet-micro-kd", "config": json.loads(json.dumps(on.to_dict())),
             "arch_args": {"num_classes": 10, "in_channels": 3, **json.loads(json.dumps(recipe.arch_args))}}
-    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --no-distinct-views"
+    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --distinct-views"
     del meta["config"]["distinct_views"]  # saved before the setting existed: it ran with the default
-    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --no-distinct-views"
+    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd"

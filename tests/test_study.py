@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from conftest import write_image_folder
 from kd_core import recipes
 from kd_core.cli import main
-from kd_core.study import ablation_variants, summarize, temperature_variants, variants_for
+from kd_core.study import ablation_variants, matching_checkpoint, summarize, temperature_variants, variants_for
 
 pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
@@ -54,6 +55,22 @@ def test_summary_mean_and_sample_std():
     assert table[0] == "**title**"
     assert table[4] == "| KD | 0.25·ce + 0.75·kd | 4 | 0, 1, 2 | **72.00** ± 2.00 | 70.00, 72.00, 74.00 | 2.0 |"
     assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 |"
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_default():
+    """Settings added to TrainConfig later (distinct_views, say) are missing from older checkpoints
+    and results rows: those ran with the default, so a run of the recipe still matches them."""
+    recipe = recipes.get("airnet-micro-kd")
+    config = json.loads(json.dumps(recipe.config.to_dict()))
+    older = {key: value for key, value in config.items() if key != "distinct_views"}
+    meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, **json.loads(json.dumps(recipe.arch_args))},
+            "data": {"source": recipe.data}, "config": older,
+            "teacher": {"file": "airnet.safetensors", "weights_sha256": "w"}}
+    teacher = Path("checkpoints/airnet.safetensors")
+    assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "w") == (Path("old"), meta)
+    assert matching_checkpoint([(Path("old"), meta)], recipe, {**config, "distinct_views": True}, recipe.data,
+                               teacher, "w") is None
+    assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "other weights") is None
 
 
 def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):

@@ -170,8 +170,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             run_config = replace(variant.config, seed=seed)
             distils = bool(set(run_config.loss_weights) - {"ce"})
             run_teacher = teacher_sha256 if distils else None
+            wanted = json.loads(json.dumps(run_config.to_dict()))
             done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
-            if done and saved_config(done[0]) != json.loads(json.dumps(run_config.to_dict())):
+            if done and saved_config(done[0]) != wanted:
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
                                  "give the study another --output folder")
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:
@@ -180,8 +181,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if done:
                 continue
             name = f"{recipe.name}-{variant.slug}-s{seed}"
-            saved_config = json.loads(json.dumps(run_config.to_dict()))
-            found = matching_checkpoint(reusable, recipe, saved_config, data, teacher if distils else None, run_teacher)
+            found = matching_checkpoint(reusable, recipe, wanted, data, teacher if distils else None, run_teacher)
             if found:
                 path, meta = found
                 rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path,

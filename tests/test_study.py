@@ -102,6 +102,14 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().out == out
     assert (tmp_path / "ablation" / "results.json").stat().st_mtime_ns == mtime
 
+    # Rows written before a setting existed (distinct_views here) ran with its default: still recorded.
+    older = [{**row, "config": {k: v for k, v in row["config"].items() if k != "distinct_views"}} for row in rows]
+    (tmp_path / "ablation" / "results.json").write_text(json.dumps(older))
+    mtime = (tmp_path / "ablation" / "results.json").stat().st_mtime_ns
+    assert main([str(arg) for arg in study]) == 0
+    assert capsys.readouterr().out == out
+    assert (tmp_path / "ablation" / "results.json").stat().st_mtime_ns == mtime
+
     # The same folder with other settings is refused rather than mixed into one table.
     changed = [str(arg) for arg in study]
     changed[changed.index("--epochs") + 1] = "2"

@@ -84,6 +84,9 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss.add_argument("--cosine", type=float, help="weight of the tutorial's cosine hidden-representation loss")
         loss.add_argument("--at", type=float, help="weight of attention transfer")
         loss.add_argument("--temperature", "-T", type=float, help="KD temperature T > 0")
+        loss.add_argument("--kd-standardize", action=argparse.BooleanOptionalAction, default=None,
+                          help="KD between z-scored logits (logit standardization, Sun et al. 2024): match the "
+                               "shape of the teacher's logits, not their scale")
         loss.add_argument("--cam-target", choices=("teacher", "label"), help="CAM class: teacher's prediction or label")
         loss.add_argument("--cam-distance", choices=("l1", "mse"), help="distance between normalized CAMs")
         loss.add_argument("--feature-spatial", choices=("pool", "resize"),
@@ -186,7 +189,7 @@ def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) 
             overrides["loss_weights"] = weights
         elif not args.recipe:
             overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
-        for key in ("temperature", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views",
+        for key in ("temperature", "kd_standardize", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views",
                     "distinct_views"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)

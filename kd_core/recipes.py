@@ -11,7 +11,7 @@ from typing import Any
 
 from .data import AugmentConfig
 from .registry import Registry
-from .training import TrainConfig
+from .training import TrainConfig, complete_config
 
 CIFAR10_JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
 
@@ -62,13 +62,13 @@ def trained_architecture(meta: dict[str, Any]) -> tuple[str | None, dict[str, An
 
 _FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "seed",
           "limit", "temperature")
-_SWITCHES = ("mirror_views", "distinct_views")  # boolean settings: --name / --no-name
+_SWITCHES = ("mirror_views", "distinct_views", "kd_standardize")  # boolean settings: --name / --no-name
 
 
 def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's training settings as JSON values, a setting newer than the checkpoint read as
     the default it was trained with."""
-    return {**json.loads(json.dumps(TrainConfig().to_dict())), **meta.get("config", {})}
+    return complete_config(meta.get("config", {}))
 
 
 def reproduce_command(meta: dict[str, Any]) -> str | None:

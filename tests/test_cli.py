@@ -302,3 +302,17 @@ def test_distinct_views_switch_reaches_the_config_and_the_reproduce_command():
     assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --distinct-views"
     del meta["config"]["distinct_views"]  # saved before the setting existed: it ran with the default
     assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd"
+
+
+def test_kd_standardize_switch_reaches_the_config_and_the_reproduce_command():
+    from kd_core import recipes
+    from kd_core.cli import _resolve_config
+
+    recipe = recipes.get("lightnn-kd")
+    args = build_parser().parse_args(["distill", "--recipe", "lightnn-kd", "--kd-standardize", "-T", "2"])
+    on = _resolve_config(args, recipe.config, distill=True)
+    assert on.kd_standardize and on.temperature == 2 and not recipe.config.kd_standardize
+    meta = {"recipe": "lightnn-kd", "config": json.loads(json.dumps(on.to_dict())), "arch_args": {}}
+    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe lightnn-kd --temperature 2 --kd-standardize"
+    off = _resolve_config(build_parser().parse_args(["distill", "--recipe", "lightnn-kd"]), recipe.config, distill=True)
+    assert not off.kd_standardize

@@ -91,6 +91,35 @@ def test_kd_direction_and_temperature_scaling():
     assert at_1 != pytest.approx(reverse, rel=1e-3)  # KL(teacher || student), not the other way
 
 
+def test_standardized_kd_is_kd_between_z_scored_logits_by_hand():
+    # row [0, 3]: mean 1.5, sample std 1.5*sqrt(2) -> z = [-1/sqrt(2), 1/sqrt(2)]; row [1, 2, 6] ->
+    # mean 3, deviations [-2, -1, 3], std sqrt(14/2) = sqrt(7)
+    student, teacher = torch.tensor([[0.0, 3.0]]), torch.tensor([[4.0, 0.0]])
+    r = 1 / math.sqrt(2)
+    loss = LOSSES.create("kd", temperature=2.0, standardize=True)(outputs(student, teacher))["loss"]
+    assert loss.item() == pytest.approx(4 * kl_by_hand([r, -r], [-r, r], 2.0), rel=1e-5)
+    s7 = math.sqrt(7)
+    student, teacher = torch.tensor([[1.0, 2.0, 6.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    t3 = 1 / math.sqrt(3)  # [0, 0, 1]: deviations [-1/3, -1/3, 2/3], std 1/sqrt(3)
+    loss = LOSSES.create("kd", temperature=1.0, standardize=True)(outputs(student, teacher))["loss"]
+    assert loss.item() == pytest.approx(kl_by_hand([-1 / 3 / t3, -1 / 3 / t3, 2 / 3 / t3], [-2 / s7, -1 / s7, 3 / s7], 1.0),
+                                        rel=1e-5)
+
+
+def test_standardized_kd_ignores_the_scale_and_shift_of_the_logits():
+    teacher = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.3, -0.2, 0.0]])
+    matched = LOSSES.create("kd", temperature=2.0, standardize=True)(outputs(5 * teacher + 3, teacher))["loss"]
+    plain = LOSSES.create("kd", temperature=2.0)(outputs(5 * teacher + 3, teacher))["loss"]
+    assert matched.item() == pytest.approx(0.0, abs=1e-6)
+    assert plain.item() > 0.1  # Hinton KD asks for the teacher's scale too
+
+
+def test_standardize_reaches_the_kd_term_from_the_training_config():
+    from kd_core.training import TrainConfig
+    assert TrainConfig(kd_standardize=True).loss_options()["kd"] == {"temperature": 4.0, "standardize": True}
+    assert TrainConfig().loss_options()["kd"]["standardize"] is False
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
 def test_kd_temperature_must_be_positive(temperature):
     with pytest.raises(ValueError, match="temperature must be positive"):

@@ -3,6 +3,7 @@ keeps an EMA, leaves the teacher untouched, and follows its learning-rate schedu
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -125,6 +126,25 @@ def test_resume_refuses_changed_settings(tiny_bundle, tmp_path):
         Trainer(student(), tiny_bundle, config(lr=0.01), state_path=state).fit()
     fresh = Trainer(student(), tiny_bundle, config(lr=0.01), state_path=state).fit(resume=False)
     assert len(fresh.history) == 3
+
+
+def test_resume_reads_a_setting_newer_than_the_state_as_its_default(tiny_bundle, tmp_path):
+    """A run saved by an older version lacks the settings added since; it trained with their
+    defaults, so it resumes under them and not under another value."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = tmp_path / "run.safetensors"
+    Trainer(student(), tiny_bundle, config(), callbacks=[Recorder(stop_after_epoch=0)], state_path=state).fit()
+    with safe_open(str(state), "pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    info = json.loads(metadata["info"])
+    del info["config"]["kd_standardize"], info["config"]["distinct_views"]
+    save_file(tensors, str(state), metadata={**metadata, "info": json.dumps(info)})
+    with pytest.raises(ValueError, match=r"used other settings \(kd_standardize\)"):
+        Trainer(student(), tiny_bundle, config(kd_standardize=True), state_path=state).fit()
+    resumed = Trainer(student(), tiny_bundle, config(), state_path=state)
+    assert len(resumed.fit().history) == 3 and resumed.start_epoch == 1
 
 
 def test_resume_refuses_a_retrained_teacher(tiny_bundle, tmp_path):

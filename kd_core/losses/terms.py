@@ -26,26 +26,40 @@ class CrossEntropy(LossTerm):
         return {"loss": F.cross_entropy(logits, outputs.labels, label_smoothing=self.label_smoothing)}
 
 
+def z_score(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row of ``(B, K)`` logits shifted to mean 0 and scaled to standard deviation 1."""
+    centred = logits - logits.mean(1, keepdim=True)
+    return centred / (centred.std(1, keepdim=True) + eps)
+
+
 @LOSSES.register("kd")
 class SoftTargetKD(LossTerm):
     """Hinton, Vinyals & Dean 2015: ``KL(softmax(t/T) || softmax(s/T)) * T^2``, batch mean.
 
     The ``T^2`` keeps the gradient scale independent of ``T``, so the weight against CE means the
     same thing at every temperature.
+
+    With ``standardize`` both sides' logits are first z-scored per sample (Sun et al., "Logit
+    Standardization in Knowledge Distillation", CVPR 2024): the student matches the shape of the
+    teacher's logits, not their scale, so a small student need not reproduce a large teacher's
+    logit range (or a label-smoothed teacher's compressed one).
     """
 
     needs_teacher_features = False
 
-    def __init__(self, context: LossContext | None = None, temperature: float = 4.0):
+    def __init__(self, context: LossContext | None = None, temperature: float = 4.0, standardize: bool = False):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
+        self.temperature, self.standardize = temperature, bool(standardize)
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
         temperature = self.temperature
-        student_log_probs = F.log_softmax(outputs.student.logits.float() / temperature, dim=1)
-        teacher_log_probs = F.log_softmax(outputs.teacher.logits.float() / temperature, dim=1)
+        student, teacher = outputs.student.logits.float(), outputs.teacher.logits.float()
+        if self.standardize:
+            student, teacher = z_score(student), z_score(teacher)
+        student_log_probs = F.log_softmax(student / temperature, dim=1)
+        teacher_log_probs = F.log_softmax(teacher / temperature, dim=1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
         return {"loss": kl * temperature**2}
 

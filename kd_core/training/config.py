@@ -2,6 +2,7 @@
 saved in every checkpoint's metadata."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -36,6 +37,7 @@ class TrainConfig:
     # the objective: weights per loss term (see kd_core.losses) and their options
     loss_weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     temperature: float = 4.0
+    kd_standardize: bool = False    # KD between z-scored logits (logit standardization, Sun et al. 2024)
     cam_target: str = "teacher"     # teacher | label
     cam_distance: str = "l1"        # l1 | mse
     feature_spatial: str = "pool"   # pool | resize
@@ -80,7 +82,7 @@ class TrainConfig:
         return self
 
     def loss_options(self) -> dict[str, dict[str, Any]]:
-        return {"ce": {"label_smoothing": self.label_smoothing}, "kd": {"temperature": self.temperature},
+        return {"ce": {"label_smoothing": self.label_smoothing}, "kd": {"temperature": self.temperature, "standardize": self.kd_standardize},
                 "cam": {"target": self.cam_target, "distance": self.cam_distance},
                 "feature": {"spatial": self.feature_spatial}}
 
@@ -94,3 +96,9 @@ class TrainConfig:
         if isinstance(values.get("augment"), dict):
             values["augment"] = AugmentConfig(**values["augment"])
         return cls(**values)
+
+
+def complete_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """Training settings saved as JSON (a checkpoint's or a resumable run's), with every setting
+    newer than the save read as its default: what that run trained with."""
+    return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}

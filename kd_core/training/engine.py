@@ -20,7 +20,7 @@ from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
 from ..models import Classifier
 from .callbacks import Callback, EpochInfo, StepInfo
-from .config import TrainConfig
+from .config import TrainConfig, complete_config
 from .schedule import lr_factor
 from .state import load_state, read_state_info, save_state
 from .teacher_bank import (BankLoader, TeacherTargets, bank_key, build_bank, check_augment, check_feature_size,
@@ -195,7 +195,7 @@ class Trainer:
         if self.state_path is None or not self.state_path.exists():
             return False
         saved = read_state_info(self.state_path)
-        saved_config = saved["config"]
+        saved_config = complete_config(saved["config"])  # a setting added since: its default
         current = json.loads(json.dumps(self.config.to_dict()))
         changed = sorted(key for key in current if key != "device" and saved_config.get(key) != current[key])
         if saved.get("teacher_sha256", self.teacher_sha256) != self.teacher_sha256:

@@ -107,7 +107,9 @@ def summarize(rows: list[dict], title: str) -> str:
         accuracies = [row["test_top1"] for row in group]
         mean = statistics.fmean(accuracies)
         spread = f" ± {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
-        objective = " + ".join(f"{weight:g}·{term}" for term, weight in group[0]["loss_weights"].items())
+        standardized = group[0].get("config", {}).get("kd_standardize", False)  # z-scored logits
+        objective = " + ".join(f"{weight:g}·{term}{' (z-scored)' if term == 'kd' and standardized else ''}"
+                               for term, weight in group[0]["loss_weights"].items())
         uses_kd = "kd" in group[0]["loss_weights"]
         minutes = statistics.fmean(row["train_seconds"] for row in group) / 60
         lines.append(f"| {label} | {objective} | {group[0]['temperature']:g} |" if uses_kd else

@@ -55,6 +55,8 @@ def test_summary_mean_and_sample_std():
     assert table[0] == "**title**"
     assert table[4] == "| KD | 0.25·ce + 0.75·kd | 4 | 0, 1, 2 | **72.00** ± 2.00 | 70.00, 72.00, 74.00 | 2.0 |"
     assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 |"
+    rows = [{**rows[0], "variant": "KD (z)", "config": {"kd_standardize": True}}]
+    assert summarize(rows, "title").splitlines()[4].startswith("| KD (z) | 0.25·ce + 0.75·kd (z-scored) | 4 | 0 |")
 
 
 def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_default():

@@ -89,8 +89,12 @@ def load_results(path: Path) -> list[dict]:
 
 
 def save_results(path: Path, rows: list[dict]) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(rows, indent=1))
+    _write_atomically(path, json.dumps(rows, indent=1))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
     os.replace(temporary, path)
 
 
@@ -146,11 +150,15 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
               temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
               callbacks: Callable[[], list[Callback]] = list, log: Callable[[str], None] = print,
               reuse: Iterable[Path] = ()) -> str:
-    """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary."""
+    """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary.
+
+    ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
+    come, so a study stopped halfway leaves a table of what it has."""
     from .run import RunSpec, run
 
     from .checkpoint import read_metadata
 
+    seeds = list(seeds)
     reuse = [Path(path) for path in reuse]
     for path in reuse:
         if not path.is_file():
@@ -167,6 +175,15 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}")
+
+    def write_summary() -> str:
+        chosen = [row for row in rows if row["variant"] in {v.label for v in variants} and row["seed"] in seeds]
+        recorded = {(row["variant"], row["seed"]) for row in chosen}
+        pending = [f"{v.label} (seed {seed})" for v in variants for seed in seeds if (v.label, seed) not in recorded]
+        summary = summarize(chosen, title + (f"; not yet run: {', '.join(pending)}" if pending else ""))
+        _write_atomically(folder / "results.md", summary + "\n")
+        return summary
+
     for variant in variants:
         for seed in seeds:
             run_config = replace(variant.config, seed=seed)
@@ -189,6 +206,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path,
                                  run_teacher))
                 save_results(results_path, rows)
+                write_summary()
                 log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
                     f"{meta['metrics']['test_top1']:.2f}%")
                 continue
@@ -202,13 +220,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 raise KeyboardInterrupt
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher))
             save_results(results_path, rows)
+            write_summary()
             log(f"  {variant.label}, seed {seed}: test top-1 {result.test_top1:.2f}%")
-    labels = {variant.label for variant in variants}
-    seed_set = set(seeds)
-    chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seed_set]
-    summary = summarize(chosen, title)
-    (folder / "results.md").write_text(summary + "\n")
-    return summary
+    return write_summary()
 
 
 def _row(label: str, config: TrainConfig, test_top1: float, train_seconds: float, checkpoint: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import pytest
 from conftest import write_image_folder
 from kd_core import recipes
 from kd_core.cli import main
-from kd_core.study import ablation_variants, matching_checkpoint, summarize, temperature_variants, variants_for
+from kd_core.study import (ablation_variants, matching_checkpoint, run_study, summarize, temperature_variants,
+                           variants_for)
+from kd_core.training import Callback
 
 pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
@@ -158,6 +161,37 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert main(retrained) == 0
     assert "has these settings" not in capsys.readouterr().out
     assert len(list((tmp_path / "retrained").glob("*.safetensors"))) == 5
+
+
+def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
+    write_image_folder(tmp_path / "data", ["cat", "dog"], {"train": 8, "test": 4}, size=32)
+    recipe = recipes.get("camnet-ce")
+    config = replace(recipe.config, epochs=1, limit=16).validate()
+
+    class StopAtStart(Callback):
+        def on_train_start(self, trainer):
+            trainer.request_stop()
+
+    runs = []
+
+    def stop_the_second_run():
+        runs.append(1)
+        return [StopAtStart()] if len(runs) == 2 else []
+
+    study = dict(kind="seeds", recipe=recipe, config=config, folder=tmp_path / "seeds", seeds=(0, 1), teacher=None,
+                 data=f"folder:{tmp_path / 'data'}", cache_dir=tmp_path / "cache", log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(**study, callbacks=stop_the_second_run)
+    partial = (tmp_path / "seeds" / "results.md").read_text()
+    assert partial.startswith("**seeds study of recipe camnet-ce (camnet, 1 epochs), data folder:")
+    assert "; not yet run: recipe (seed 1)**" in partial
+    seed0 = json.loads((tmp_path / "seeds" / "results.json").read_text())[0]["test_top1"]
+    assert f"| recipe | 1·ce | - | 0 | **{seed0:.2f}** | {seed0:.2f} |" in partial
+
+    summary = run_study(**study)  # resumed: trains seed 1 only; the title loses its note
+    assert (tmp_path / "seeds" / "results.md").read_text() == summary + "\n"
+    assert "not yet run" not in summary and "| recipe | 1·ce | - | 0, 1 |" in summary
+    assert not list((tmp_path / "seeds").glob("*.tmp"))
 
 
 def test_study_errors(capsys, tmp_path, monkeypatch):

@@ -85,7 +85,8 @@ def round_weights(model: torch.nn.Module, weights_dtype: str) -> torch.nn.Module
     return model
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a synced temporary file: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -120,7 +121,7 @@ def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dic
         if len(payload) == size:
             break
         size = len(payload)
-    _write_atomically(path, payload)
+    write_atomically(path, payload)
     return path
 
 

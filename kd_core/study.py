@@ -17,12 +17,12 @@ saved as ``results.md``.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .checkpoint import load_checkpoint, read_metadata, weights_sha256, write_atomically
 from .recipes import Recipe, saved_config, trained_architecture
 from .training import Callback, TrainConfig
 
@@ -89,13 +89,7 @@ def load_results(path: Path) -> list[dict]:
 
 
 def save_results(path: Path, rows: list[dict]) -> None:
-    _write_atomically(path, json.dumps(rows, indent=1))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(rows, indent=1).encode())
 
 
 def summarize(rows: list[dict], title: str) -> str:
@@ -141,7 +135,6 @@ def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe,
 
 
 def _teacher_weights(teacher: Path) -> str:
-    from .checkpoint import load_checkpoint, weights_sha256
     return weights_sha256(load_checkpoint(teacher).model)
 
 
@@ -155,8 +148,6 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
     come, so a study stopped halfway leaves a table of what it has."""
     from .run import RunSpec, run
-
-    from .checkpoint import read_metadata
 
     seeds = list(seeds)
     reuse = [Path(path) for path in reuse]
@@ -176,12 +167,14 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}")
 
+    labels = {variant.label for variant in variants}
+
     def write_summary() -> str:
-        chosen = [row for row in rows if row["variant"] in {v.label for v in variants} and row["seed"] in seeds]
+        chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seeds]
         recorded = {(row["variant"], row["seed"]) for row in chosen}
         pending = [f"{v.label} (seed {seed})" for v in variants for seed in seeds if (v.label, seed) not in recorded]
         summary = summarize(chosen, title + (f"; not yet run: {', '.join(pending)}" if pending else ""))
-        _write_atomically(folder / "results.md", summary + "\n")
+        write_atomically(folder / "results.md", (summary + "\n").encode())
         return summary
 
     for variant in variants:

@@ -1,11 +1,13 @@
 """Benchmarks: the dashboard's latency and the cost of a distillation step.
 
     python -m kd_core.bench distill --teacher CHECKPOINT --student ARCH [--kd 0.75 --cam 1] \
-        [--batch-size 256] [--steps 20] [--views 8] [--epochs 20] [--threads 2]
+        [--batch-size 256] [--steps 20] [--views 8] [--epochs 20] [--threads 2] [--system-malloc]
 
 times training steps of one distillation two ways, with the teacher run at every step and with a
 teacher bank (``--teacher-views``), plus the bank's build, on random images of the teacher's input
 size, and prints what a run of ``--epochs`` epochs over 50,000 images costs each way.
+Like the training commands it keeps freed memory for reuse (:mod:`kd_core.allocator`);
+``--system-malloc`` measures glibc's default instead.
 
     python -m kd_core.bench explain --checkpoints DIR --teacher NAME --student NAME \\
         [--method gradcam] [--repeats 30] [--threads 1] [--image PATH]
@@ -33,6 +35,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits  # installed with grad-cam (through scikit-learn)
 
 from . import models
+from .allocator import reuse_freed_memory
 from .checkpoint import load_checkpoint
 from .data import AugmentConfig, DataBundle, Split
 from .explain import ModelCache, cam_methods, explain
@@ -82,7 +85,8 @@ class _StepTimer(Callback):
 def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, float], batch_size: int = 256,
                   steps: int = 20, views: int = 8, warmup: int = 3, seed: int = 0) -> dict[str, float]:
     """Milliseconds per training step with the live teacher and with a bank, and per image-view of
-    the bank's build (medians over ``steps`` steps after ``warmup``)."""
+    the bank's build (medians over ``steps`` steps after ``warmup``). An objective without teacher
+    terms (cross-entropy only) trains one way: only ``live_step_ms``."""
     if steps < 1 or views < 1 or batch_size < 1:
         raise ValueError("steps, views and batch size must be at least 1")
     teacher = load_checkpoint(teacher_path)
@@ -103,7 +107,10 @@ def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, flo
         torch.manual_seed(seed)
         model = models.create(student, **models.arch_args_for(student, len(classes), (channels, height, width)))
         timer = _StepTimer()
-        Trainer(model, data, config, teacher=teacher.model, callbacks=[timer]).fit()
+        trainer = Trainer(model, data, config, teacher=teacher.model, callbacks=[timer])
+        if teacher_views and not trainer.uses_bank:  # no term reads the teacher: one way to train
+            break
+        trainer.fit()
         gaps = np.diff(timer.stamps)[warmup:]
         result[f"{mode}_step_ms"] = float(1000 * np.median(gaps))
         if teacher_views:
@@ -130,10 +137,15 @@ def _print_distill(args: argparse.Namespace) -> int:
     images, epochs, views = 50_000, args.epochs, args.views
     steps = images / args.batch_size
     live = epochs * steps * result["live_step_ms"] / 60_000
+    if "banked_step_ms" not in result:
+        print(f"train {args.student} ({'+'.join(weights)}, no teacher term), batch {args.batch_size}, "
+              f"{args.threads} thread(s), malloc {args.malloc}: {result['live_step_ms']:.0f} ms/step")
+        print(f"{epochs} epochs of {images:,} images: {live:.1f} min")
+        return 0
     build = images * views * result["bank_ms_per_image_view"] / 60_000
     banked = epochs * steps * result["banked_step_ms"] / 60_000
     print(f"distill {Path(args.teacher).stem} -> {args.student} ({'+'.join(weights)}), batch {args.batch_size}, "
-          f"{args.threads} thread(s): live teacher {result['live_step_ms']:.0f} ms/step, "
+          f"{args.threads} thread(s), malloc {args.malloc}: live teacher {result['live_step_ms']:.0f} ms/step, "
           f"banked {result['banked_step_ms']:.0f} ms/step, bank build "
           f"{result['bank_ms_per_image_view']:.2f} ms per image-view")
     print(f"{epochs} epochs of {images:,} images: live {live:.1f} min; {views}-view bank {build:.1f} min to build "
@@ -154,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("--views", type=int, default=8, help="teacher views of the bank (default 8)")
     distill.add_argument("--epochs", type=int, default=20, help="epochs of the run to cost (default 20)")
     distill.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    distill.add_argument("--system-malloc", action="store_true",
+                         help="leave glibc's malloc as it is (training commands keep freed memory: kd_core.allocator)")
     bench = commands.add_parser("explain", help="latency of one Explain-tab call (teacher + student)")
     bench.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder")
     bench.add_argument("--teacher", required=True, help="teacher checkpoint name (file stem)")
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.command == "distill":
+        args.malloc = "system" if args.system_malloc or not reuse_freed_memory() else "reusing freed memory"
         return _print_distill(args)
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory() as scratch:
         image, label = args.image, str(args.image)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import models, recipes
+from .allocator import reuse_freed_memory
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .data import AugmentConfig, DataError, load_data
 from .training import TqdmProgress, TrainConfig
@@ -419,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": lambda: _train(args, False), "distill": lambda: _train(args, True),
                 "evaluate": lambda: _evaluate(args), "study": lambda: _study(args), "list": lambda: _list(args),
                 "recipes": lambda: _recipes(args), "models": lambda: _models(args)}
+    if args.command in ("train", "distill", "study"):
+        reuse_freed_memory()
     try:
         return handlers[args.command]()
     except KeyError as error:  # registry lookups: unknown model, loss or recipe

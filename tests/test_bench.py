@@ -32,11 +32,25 @@ def test_bench_distill_prints_the_cost_of_a_run(teacher, capsys):
     assert main(["distill", "--teacher", str(teacher), "--student", "lightnn", "--batch-size", "8", "--steps", "3",
                  "--views", "2", "--epochs", "10", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"live teacher \d+ ms/step, banked \d+ ms/step, bank build [\d.]+ ms per image-view", out)
+    assert re.search(r"1 thread\(s\), malloc (reusing freed memory|system): live teacher \d+ ms/step, "
+                     r"banked \d+ ms/step, bank build [\d.]+ ms per image-view", out)
     live, build, train, total, ratio = map(float, re.search(
         r"live ([\d.]+) min; 2-view bank ([\d.]+) min to build \+ ([\d.]+) min to train = ([\d.]+) min \(([\d.]+)x\)",
         out).groups())
     assert total == pytest.approx(build + train, abs=0.11) and ratio == pytest.approx(live / total, rel=0.2, abs=0.1)
+
+
+def test_bench_without_teacher_terms_times_one_way(teacher, capsys):
+    result = bench_distill(teacher, "lightnn", {"ce": 1.0}, batch_size=8, steps=3, views=2, warmup=1)
+    assert set(result) == {"live_step_ms"} and result["live_step_ms"] > 0
+    assert main(["distill", "--teacher", str(teacher), "--student", "lightnn", "--ce", "1", "--kd", "0",
+                 "--batch-size", "8", "--steps", "3", "--epochs", "10", "--threads", "1", "--system-malloc"]) == 0
+    out = capsys.readouterr().out
+    step = float(re.search(r"train lightnn \(ce, no teacher term\), batch 8, 1 thread\(s\), malloc system: "
+                           r"(\d+) ms/step", out).group(1))
+    minutes = float(re.search(r"10 epochs of 50,000 images: ([\d.]+) min", out).group(1))
+    assert minutes == pytest.approx(10 * 50_000 / 8 * step / 60_000, rel=0.01, abs=0.06)
+    assert "bank" not in out
 
 
 def test_bench_distill_refuses_nonsense(teacher, capsys):

@@ -316,3 +316,17 @@ def test_kd_standardize_switch_reaches_the_config_and_the_reproduce_command():
     assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe lightnn-kd --temperature 2 --kd-standardize"
     off = _resolve_config(build_parser().parse_args(["distill", "--recipe", "lightnn-kd"]), recipe.config, distill=True)
     assert not off.kd_standardize
+
+
+def test_training_commands_keep_freed_memory_and_others_do_not(capsys, workdir, monkeypatch):
+    """train, distill and study tune malloc (kd_core.allocator) before anything else; a listing does not."""
+    calls = []
+    monkeypatch.setattr("kd_core.cli.reuse_freed_memory", lambda: calls.append(True) or True)
+    assert main(["recipes"]) == 0 and main(["models"]) == 0
+    assert calls == []
+    for command in ("train", "distill", "study"):
+        argv = [command, "ablation", "--recipe", "no-such-recipe"] if command == "study" else \
+            [command, "--recipe", "no-such-recipe"]
+        assert main(argv) == 2
+    assert len(calls) == 3
+    assert capsys.readouterr().err.count("no-such-recipe") == 3

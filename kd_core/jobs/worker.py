@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..allocator import reuse_freed_memory
 from ..run import RunSpec, run
 from ..training import Callback, EpochInfo, StepInfo, Trainer
 from .spec import JobSpec, teacher_path, train_config
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
                         help="folder of the teacher checkpoints and of the checkpoint to write")
     args = parser.parse_args(argv)
+    reuse_freed_memory()
     return run_job(JobStore(args.runs), args.job, args.checkpoints)
 
 

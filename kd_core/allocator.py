@@ -6,8 +6,9 @@ step, so each step faults hundreds of megabytes of new zeroed pages in from the 
 and trimming off, freed blocks stay in the heap and are reused: a cross-entropy step of the
 camnet-kd-cam recipe's student (batch 256, 2 threads) took 157 ms against 342 ms, and 3 epochs of
 that recipe spent 1.8 s in the kernel against 227 s (README, "Memory allocation";
-``python -m kd_core.bench distill ... --system-malloc`` measures glibc's default). The cost: the process keeps its peak memory until it exits, which a
-training process reaches every step anyway (2.2 GB against 1.8 GB in that run).
+``python -m kd_core.bench distill ... --system-malloc`` measures glibc's default). The cost: the
+process keeps its peak memory until it exits, which a training process reaches every step anyway
+(2.2 GB against 1.8 GB in that run).
 
 Training entry points (the CLI's train, distill and study, the job worker, the distill benchmark)
 call :func:`reuse_freed_memory` once at start. ``KD_CORE_MALLOC=system`` leaves malloc as it is.

@@ -108,14 +108,14 @@ def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, flo
         model = models.create(student, **models.arch_args_for(student, len(classes), (channels, height, width)))
         timer = _StepTimer()
         trainer = Trainer(model, data, config, teacher=teacher.model, callbacks=[timer])
-        if teacher_views and not trainer.uses_bank:  # no term reads the teacher: one way to train
-            break
         trainer.fit()
         gaps = np.diff(timer.stamps)[warmup:]
         result[f"{mode}_step_ms"] = float(1000 * np.median(gaps))
         if teacher_views:
             timed_image_views = count * teacher_views - min(count, BANK_BATCH)
             result["bank_ms_per_image_view"] = 1000 * timer.bank_seconds / timed_image_views
+        if not trainer.objective.needs_teacher:  # no term reads the teacher: one way to train
+            break
     return result
 
 
@@ -127,7 +127,7 @@ def synthetic_photo(width: int = 1024, height: int = 768) -> Image.Image:
     return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
 
 
-def _print_distill(args: argparse.Namespace) -> int:
+def _print_distill(args: argparse.Namespace, malloc: str) -> int:
     weights = {term: getattr(args, term) for term in ("ce", "kd", "cam") if getattr(args, term) > 0}
     try:
         result = bench_distill(args.teacher, args.student, weights, args.batch_size, args.steps, args.views)
@@ -139,13 +139,13 @@ def _print_distill(args: argparse.Namespace) -> int:
     live = epochs * steps * result["live_step_ms"] / 60_000
     if "banked_step_ms" not in result:
         print(f"train {args.student} ({'+'.join(weights)}, no teacher term), batch {args.batch_size}, "
-              f"{args.threads} thread(s), malloc {args.malloc}: {result['live_step_ms']:.0f} ms/step")
+              f"{args.threads} thread(s), malloc {malloc}: {result['live_step_ms']:.0f} ms/step")
         print(f"{epochs} epochs of {images:,} images: {live:.1f} min")
         return 0
     build = images * views * result["bank_ms_per_image_view"] / 60_000
     banked = epochs * steps * result["banked_step_ms"] / 60_000
     print(f"distill {Path(args.teacher).stem} -> {args.student} ({'+'.join(weights)}), batch {args.batch_size}, "
-          f"{args.threads} thread(s), malloc {args.malloc}: live teacher {result['live_step_ms']:.0f} ms/step, "
+          f"{args.threads} thread(s), malloc {malloc}: live teacher {result['live_step_ms']:.0f} ms/step, "
           f"banked {result['banked_step_ms']:.0f} ms/step, bank build "
           f"{result['bank_ms_per_image_view']:.2f} ms per image-view")
     print(f"{epochs} epochs of {images:,} images: live {live:.1f} min; {views}-view bank {build:.1f} min to build "
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.command == "distill":
-        args.malloc = "system" if args.system_malloc or not reuse_freed_memory() else "reusing freed memory"
-        return _print_distill(args)
+        tuned = not args.system_malloc and reuse_freed_memory()
+        return _print_distill(args, "reusing freed memory" if tuned else "system")
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory() as scratch:
         image, label = args.image, str(args.image)
         if image is None:

@@ -28,7 +28,7 @@ import gradio as gr
 from kd_core import compare, dashboard, models
 from kd_core.checkpoint import CheckpointError, list_checkpoints
 from kd_core.explain import ModelCache, cam_methods, explain
-from kd_core.images import ImageError
+from kd_core.images import MAX_UPLOAD_BYTES, ImageError, uploaded_source
 from kd_core.jobs import JobManager
 
 ROOT = Path(__file__).resolve().parent
@@ -85,16 +85,20 @@ def _default_students() -> list[str]:
 
 
 def unopened_upload(image: gr.Image) -> gr.Image:
-    """Make ``image`` hand the handler the uploaded file's path without opening it. ``gr.Image``
-    opens every upload with Pillow first, so a file that is not an image, or a decompression bomb,
-    fails there with no message; :func:`kd_core.images.load_image` says what is wrong instead.
+    """Make ``image`` hand the handler what was uploaded, unopened: the path of a file in Gradio's
+    upload folder, or the bytes of a ``data:`` URL. Gradio checks a payload's path against its
+    upload folder only when the payload carries its ``meta`` marker, and decodes ``data:`` URLs
+    itself with Pillow's defaults; :func:`kd_core.images.uploaded_source` checks every payload,
+    and :func:`kd_core.images.load_image` decodes it and says what is wrong.
     (Set on the instance: Gradio writes an ``app.pyi`` stub for any component subclass defined here.)"""
-    opened = image.preprocess
 
     def preprocess(payload):
-        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
-            return opened(payload)
-        return payload.path
+        if payload is None:
+            return None
+        try:
+            return uploaded_source(payload.path, payload.url, image.GRADIO_CACHE, max_bytes=MAX_UPLOAD_BYTES)
+        except ImageError as error:
+            raise gr.Error(str(error)) from None
 
     image.preprocess = preprocess
     return image
@@ -369,7 +373,7 @@ def main() -> None:
     job_manager().recover()
     threading.Thread(target=schedule_jobs, args=(job_manager(),), name="job-scheduler", daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
-        max_file_size="20mb", blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
+        max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
         theme=gr.themes.Soft(primary_hue="indigo"), css=ENLARGE_IMAGES_CSS)
 
 

@@ -18,9 +18,12 @@ read as grayscale, the best that array allows.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import os
+import urllib.parse
 import struct
 import warnings
 import zlib
@@ -31,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # what the app accepts as an upload, file or data: URL
+NOT_UPLOADED = "the image must be uploaded through this page (or sent as a data: URL); no other file is read"
 MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB; anything larger is refused
 DISPLAY_MAX_SIDE = 1024
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "AVIF", "QOI")
@@ -72,6 +77,51 @@ def load_image(source: Any, max_side: int | None = DISPLAY_MAX_SIDE,
         raise ImageError(f"cannot read an image from a {type(source).__name__}; "
                          "give a file path, bytes, a PIL image or a NumPy array")
     return _shrink(image, max_side)
+
+
+def uploaded_source(path: str | None, url: str | None, upload_folder: str | os.PathLike,
+                    max_bytes: int = MAX_UPLOAD_BYTES) -> Path | bytes | None:
+    """What a request may hand :func:`load_image`: the bytes of a ``data:`` URL, decoded here and
+    capped at ``max_bytes``, or a file inside ``upload_folder`` (both resolved, symlinks followed).
+
+    Anything else, a server path outside the folder whether it exists or not, a directory, a
+    remote URL, raises :class:`ImageError` with one message that says nothing about the server's
+    files. ``None`` when the request carries no image at all.
+    """
+    if url and url.startswith("data:"):
+        return _data_url_bytes(url, max_bytes)
+    if not path:
+        return None
+    try:
+        resolved = Path(path).resolve(strict=True)
+        inside = resolved.is_relative_to(Path(upload_folder).resolve()) and resolved.is_file()
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte in the name
+        inside = False
+    if not inside:
+        raise ImageError(NOT_UPLOADED)
+    return resolved
+
+
+def _data_url_bytes(url: str, max_bytes: int) -> bytes:
+    """``data:[<media type>][;base64],<data>`` (RFC 2397) -> its bytes, refused past ``max_bytes``
+    before anything is decoded."""
+    header, comma, data = url.partition(",")
+    if not comma:
+        raise ImageError("the data: URL has no comma before its data")
+    if len(data) > (max_bytes // 3 + 1) * 4 + 4:  # base64 holds 3 bytes in 4 characters
+        raise ImageError(f"the image is larger than the {max_bytes // 2**20} MB upload limit")
+    if header.endswith(";base64"):
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("the data: URL's base64 data is damaged") from None
+    else:
+        decoded = urllib.parse.unquote_to_bytes(data)
+    if len(decoded) > max_bytes:
+        raise ImageError(f"the image is larger than the {max_bytes // 2**20} MB upload limit")
+    if not decoded:
+        raise ImageError("the upload is empty (0 bytes)")
+    return decoded
 
 
 def to_model_input(image: Image.Image, meta: dict[str, Any]) -> torch.Tensor:

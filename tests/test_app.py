@@ -488,3 +488,79 @@ def test_cancel_stops_a_running_job_and_its_workers(server, client):
     assert (server.checkpoints / "after-long.safetensors").is_file()
     row, _ = job_row(client, long_job)
     assert row[2] == "cancelled"
+
+
+# -- what an upload may name ------------------------------------------------------------------------
+
+
+def raw_explain(server, image_payload) -> tuple[str, object]:
+    """POST the explain endpoint a hand-made image payload, as a hostile client would, and return
+    the event stream's last event and its data."""
+    body = json.dumps({"data": [image_payload, "teacher", ["student"], "gradcam", PREDICTED, 2, 0.5]}).encode()
+    request = urllib.request.Request(f"{server.url}gradio_api/call/explain", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{server.url}gradio_api/call/explain/{event_id}", timeout=60) as response:
+        stream = response.read().decode()
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.MULTILINE)
+    event, data = events[-1]
+    return event, json.loads(data)
+
+
+def data_url(path: Path, media_type: str = "image/png") -> str:
+    import base64
+    return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+NOT_UPLOADED = "the image must be uploaded through this page (or sent as a data: URL); no other file is read"
+
+
+def test_an_upload_cannot_name_a_server_file(server, tmp_path):
+    outside = make_photo(tmp_path / "private.png", 40, 30)
+    upload_folder = Path(server.env["GRADIO_TEMP_DIR"])
+    upload_folder.mkdir(parents=True, exist_ok=True)
+    link = upload_folder / "link-to-private.png"
+    link.symlink_to(outside)
+    named = [outside, CAT, tmp_path / "no-such-file.png", server.checkpoints / "teacher.safetensors",
+             server.runs / "jobs.sqlite3", server.runs, Path("/etc/passwd"), link, upload_folder / "missing.png",
+             upload_folder / ".." / "dashboard" / "app.log", "https://example.com/cat.png"]
+    outcomes = set()
+    for path in named:
+        for payload in ({"path": str(path)}, {"path": str(path), "meta": {"_type": "gradio.FileData"}}):
+            event, data = raw_explain(server, payload)
+            assert event == "error", (payload, data)
+            outcomes.add((event, json.dumps(data)))
+    # one message for every path, existing or not, so nothing about the server's files leaks
+    assert len(outcomes) <= 2, outcomes  # ours, and Gradio's own refusal of a meta-marked path
+    for _, data in outcomes:
+        assert str(tmp_path) not in data and "passwd" not in data and "sqlite" not in data
+    assert any(NOT_UPLOADED in data for _, data in outcomes)
+    assert server.process.poll() is None
+    event, data = raw_explain(server, {"path": str(CAT)})  # still refused: the examples folder is not an upload
+    assert event == "error"
+
+
+def test_a_data_url_goes_through_our_decoder_like_an_upload(server, client, tmp_path):
+    deep = write_unusual("16-bit", tmp_path / "deep.png")
+    event, data = raw_explain(server, {"path": None, "url": data_url(deep)})
+    assert event == "complete", data
+    _, uploaded = call_explain(client, deep, top_k=2)
+    for served, expected in zip(data[-1]["models"], uploaded["models"]):
+        np.testing.assert_allclose(served["probabilities"], expected["probabilities"], atol=1e-6)
+    assert data[-1]["models"][0]["overlay_shape"] == [40, 60, 3]
+
+    bomb = write_bad("bomb", tmp_path)
+    event, data = raw_explain(server, {"path": None, "url": data_url(bomb)})
+    assert event == "error" and "declares too many pixels to decode safely" in json.dumps(data), data
+    with pytest.raises(AppError, match="declares too many pixels to decode safely"):
+        call_explain(client, bomb)
+
+    text = write_bad("text", tmp_path)
+    event, data = raw_explain(server, {"path": None, "url": data_url(text)})
+    assert event == "error" and "is not an image in a supported format" in json.dumps(data), data
+
+    huge = f"data:image/png;base64,{'A' * (28 * 2**20)}"  # 21 MB once decoded
+    event, data = raw_explain(server, {"path": None, "url": huge})
+    assert event == "error" and "larger than the 20 MB upload limit" in json.dumps(data), data
+    assert server.process.poll() is None

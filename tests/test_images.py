@@ -252,3 +252,32 @@ def test_grayscale_models_get_luminance():
     tensor = to_model_input(Image.new("RGB", (10, 10), (255, 255, 255)), meta(1, 6))
     assert tensor.shape == (1, 1, 6, 6)
     assert torch.allclose(tensor, torch.full_like(tensor, 2.0))
+
+
+def test_uploaded_source_accepts_only_files_in_the_upload_folder_and_data_urls(tmp_path):
+    import base64
+    from kd_core.images import NOT_UPLOADED, uploaded_source
+
+    uploads, outside = tmp_path / "uploads", tmp_path / "outside"
+    (uploads / "abc").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (4, 3), (10, 20, 30)).save(uploads / "abc" / "ok.png")
+    Image.new("RGB", (4, 3)).save(outside / "secret.png")
+    (uploads / "link.png").symlink_to(outside / "secret.png")
+    assert uploaded_source(str(uploads / "abc" / "ok.png"), None, uploads) == (uploads / "abc" / "ok.png").resolve()
+    for path in (outside / "secret.png", outside / "gone.png", uploads / "link.png", uploads / "abc",
+                 uploads / "abc" / ".." / ".." / "outside" / "secret.png", "https://example.com/x.png", "a\0b"):
+        with pytest.raises(ImageError) as refused:
+            uploaded_source(str(path), None, uploads)
+        assert str(refused.value) == NOT_UPLOADED
+    assert uploaded_source(None, None, uploads) is None
+
+    png = (uploads / "abc" / "ok.png").read_bytes()
+    assert uploaded_source(None, "data:image/png;base64," + base64.b64encode(png).decode(), uploads) == png
+    assert uploaded_source("/etc/passwd", "data:," + "%41%42", uploads) == b"AB"  # the URL wins; the path is never read
+    with pytest.raises(ImageError, match="larger than the 0 MB upload limit"):
+        uploaded_source(None, "data:image/png;base64," + base64.b64encode(png).decode(), uploads, max_bytes=10)
+    with pytest.raises(ImageError, match="base64 data is damaged"):
+        uploaded_source(None, "data:image/png;base64,@@@@", uploads)
+    with pytest.raises(ImageError, match="no comma"):
+        uploaded_source(None, "data:image/png;base64", uploads)

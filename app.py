@@ -25,11 +25,13 @@ if __name__ == "__main__":
 
 import gradio as gr
 
-from kd_core import compare, dashboard, models
+from kd_core import models
+from kd_core.dashboard import distill_tab, explain_tab, models_tab
 from kd_core.checkpoint import CheckpointError, list_checkpoints
 from kd_core.explain import ModelCache, cam_methods, explain
-from kd_core.images import MAX_UPLOAD_BYTES, ImageError, uploaded_source
+from kd_core.explain.images import MAX_UPLOAD_BYTES, ImageError, uploaded_source
 from kd_core.jobs import JobManager
+from kd_core.jobs.spec import distillation_recipes, form_values
 
 ROOT = Path(__file__).resolve().parent
 CHECKPOINTS = Path(os.environ.get("KD_CHECKPOINTS", ROOT / "checkpoints")).resolve()
@@ -45,6 +47,8 @@ ENLARGE_IMAGES_CSS = """
 }
 """
 PREDICTED = "each model's own prediction"
+NO_RECIPE = "none: the settings below"
+FORM = form_values(None)  # the Distill form's defaults: the base of a distillation that names no recipe
 TEACHERS_PREDICTION = "the teacher's prediction"
 
 
@@ -88,8 +92,8 @@ def unopened_upload(image: gr.Image) -> gr.Image:
     """Make ``image`` hand the handler what was uploaded, unopened: the path of a file in Gradio's
     upload folder, or the bytes of a ``data:`` URL. Gradio checks a payload's path against its
     upload folder only when the payload carries its ``meta`` marker, and decodes ``data:`` URLs
-    itself with Pillow's defaults; :func:`kd_core.images.uploaded_source` checks every payload,
-    and :func:`kd_core.images.load_image` decodes it and says what is wrong.
+    itself with Pillow's defaults; :func:`kd_core.explain.images.uploaded_source` checks every payload,
+    and :func:`kd_core.explain.images.load_image` decodes it and says what is wrong.
     (Set on the instance: Gradio writes an ``app.pyi`` stub for any component subclass defined here.)"""
 
     def preprocess(payload):
@@ -122,11 +126,11 @@ def run_explain(image, teacher, students, method, target, top_k, opacity):
         if slot < len(result.models):
             model = result.models[slot]
             role = "teacher" if slot == 0 else f"student {slot}"
-            panels += [gr.update(visible=True), dashboard.model_caption(model, role), dashboard.topk_chart(model),
+            panels += [gr.update(visible=True), explain_tab.model_caption(model, role), explain_tab.topk_chart(model),
                        model.overlay if model.overlay is not None else result.image]
         else:
             panels += [gr.update(visible=False), "", None, None]
-    return [*panels, dashboard.agreement_rows(result), dashboard.explanation_summary(result)]
+    return [*panels, explain_tab.agreement_rows(result), explain_tab.explanation_summary(result)]
 
 
 def target_choices(teacher: str | None):
@@ -143,9 +147,9 @@ def target_choices(teacher: str | None):
 
 
 def models_overview():
-    rows = compare.checkpoint_rows(CHECKPOINTS) if CHECKPOINTS.is_dir() else []
+    rows = models_tab.checkpoint_rows(CHECKPOINTS) if CHECKPOINTS.is_dir() else []
     names = [row["name"] for row in rows]
-    return (compare.table(rows), compare.accuracy_chart(rows, "params"), compare.accuracy_chart(rows, "latency"),
+    return (models_tab.table(rows), models_tab.accuracy_chart(rows, "params"), models_tab.accuracy_chart(rows, "latency"),
             gr.update(choices=names, value=names[0] if names else None))
 
 
@@ -157,21 +161,21 @@ def model_details(name):
     except CheckpointError as error:
         raise gr.Error(str(error)) from None
     gallery, note = _student_mistakes(checkpoint)
-    return compare.per_class_chart(checkpoint.meta), compare.confusion_chart(checkpoint.meta), gallery, note
+    return models_tab.per_class_chart(checkpoint.meta), models_tab.confusion_chart(checkpoint.meta), gallery, note
 
 
 def _student_mistakes(student):
     recorded = student.meta.get("teacher")
     if not recorded:
         return [], "No teacher recorded for this model."
-    images, labels, classes = compare.load_sample(ASSETS / "cifar10-test-sample.safetensors")
+    images, labels, classes = models_tab.load_sample(ASSETS / "cifar10-test-sample.safetensors")
     if student.classes != classes:
         return [], "The sample test images are CIFAR-10; this model was trained on other classes."
     try:
         teacher = model_cache.get(recorded["name"])
     except CheckpointError:
         return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
-    gallery, count = compare.student_mistakes(student, teacher, images, labels, classes)
+    gallery, count = models_tab.student_mistakes(student, teacher, images, labels, classes)
     return gallery, (f"{count} of {len(labels):,} sample test images that {recorded['name']} classifies correctly "
                      f"and {student.name} does not (first {len(gallery)} shown).")
 
@@ -179,17 +183,34 @@ def _student_mistakes(student):
 # -- Distill -------------------------------------------------------------------------------------
 
 
-def launch_job(teacher, student, data, ce, kd, feature, cam, temperature, epochs, lr, batch_size, seed, limit,
-               teacher_views, name):
-    spec = {"teacher": teacher, "student": student, "data": data,
-            "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
+def job_request(teacher, student, data, ce, kd, feature, cam, temperature, epochs, lr, batch_size, seed, limit,
+                teacher_views, name, recipe=NO_RECIPE) -> dict:
+    """The job the Distill form asks for (a :class:`kd_core.jobs.JobSpec` as a dict)."""
+    return {"recipe": None if recipe in (None, "", NO_RECIPE) else recipe, "teacher": teacher, "student": student,
+            "data": data, "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
             "limit": int(limit) if limit else None, "teacher_views": teacher_views, "name": name or None}
+
+
+def launch_job(*form):
     try:
-        job = job_manager().submit(spec)
+        job = job_manager().submit(job_request(*form))
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
     return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"])
+
+
+def recipe_form(recipe):
+    """The Distill form's values for a recipe (or none): what `distill --recipe` would train with."""
+    try:
+        values = form_values(None if recipe in (None, "", NO_RECIPE) else recipe)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    weights = values["weights"]
+    teacher = values["teacher"] if values["teacher"] in checkpoint_names() else _default_teacher()
+    return (gr.update(value=teacher), gr.update(value=values["student"]),
+            *(weights.get(term, 0) for term in ("ce", "kd", "feature", "cam")), values["temperature"], values["epochs"],
+            values["lr"], values["batch_size"], values["seed"], values["limit"] or 0, values["teacher_views"])
 
 
 def _job_id(value, action: str) -> int:
@@ -215,12 +236,12 @@ def refresh_jobs(job_id, known_checkpoints):
     if job_id in (None, "") and jobs:
         job_id = jobs[0]["id"]
     job = _selected_job(job_id)
-    loss, accuracy = dashboard.job_curves(job)
+    loss, accuracy = distill_tab.job_curves(job)
     names = checkpoint_names()
     changed = names != known_checkpoints
     choice_update = gr.update(choices=names) if changed else gr.update()
     job_update = gr.update(choices=[row["id"] for row in jobs], value=job["id"] if job else None)
-    return (dashboard.job_rows(jobs), job_update, dashboard.progress_html(job), loss, accuracy, names,
+    return (distill_tab.job_rows(jobs), job_update, distill_tab.progress_html(job), loss, accuracy, names,
             choice_update, choice_update, choice_update)
 
 
@@ -277,7 +298,7 @@ with gr.Blocks(title="KD Workbench") as demo:
                     overlay = gr.Image(label="CAM", type="numpy", interactive=False, height=260,
                                        elem_classes=["cam-panel"])
                 panel_outputs += [column, caption, chart, overlay]
-        agreement = gr.Dataframe(headers=dashboard.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",
+        agreement = gr.Dataframe(headers=explain_tab.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",
                                  interactive=False)
         with gr.Accordion("Raw numbers", open=False):
             numbers = gr.JSON()
@@ -285,8 +306,8 @@ with gr.Blocks(title="KD Workbench") as demo:
         explain_button.click(run_explain, explain_inputs, [*panel_outputs, agreement, numbers], api_name="explain")
         teacher.change(target_choices, teacher, target, api_name=False)
 
-    with gr.Tab("Models") as models_tab:
-        models_table = gr.Dataframe(headers=compare.TABLE_COLUMNS, interactive=False, label="Checkpoints")
+    with gr.Tab("Models") as models_page:
+        models_table = gr.Dataframe(headers=models_tab.TABLE_COLUMNS, interactive=False, label="Checkpoints")
         with gr.Row():
             by_params = gr.Plot(label="accuracy vs parameters")
             by_latency = gr.Plot(label="accuracy vs CPU latency")
@@ -297,38 +318,42 @@ with gr.Blocks(title="KD Workbench") as demo:
         mistakes_note = gr.Markdown()
         mistakes = gr.Gallery(label="the student is wrong, its teacher right", columns=8, height=320)
         overview_outputs = [models_table, by_params, by_latency, chosen_model]
-        models_tab.select(models_overview, None, overview_outputs, api_name="models")
+        models_page.select(models_overview, None, overview_outputs, api_name="models")
         chosen_model.change(model_details, chosen_model, [per_class, confusion, mistakes, mistakes_note],
                             api_name="model_details")
 
     with gr.Tab("Distill"):
         with gr.Row():
             with gr.Column():
+                job_recipe = gr.Dropdown([NO_RECIPE, *distillation_recipes()], value=NO_RECIPE, label="Recipe",
+                                         info="start from a named recipe (python -m kd_core recipes); "
+                                              "the values below override it")
                 job_teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
-                job_student = gr.Dropdown(models.list_models(), value="camnet", label="Student architecture")
+                job_student = gr.Dropdown(models.list_models(), value=FORM["student"], label="Student architecture")
                 job_data = gr.Dropdown(DATA_SOURCES, value=DATA_SOURCES[0], label="Data set")
                 job_name = gr.Textbox(label="Checkpoint name (optional)", placeholder="e.g. camnet-kd-cam-mine")
             with gr.Column():
                 with gr.Row():
-                    ce = gr.Number(0.25, label="CE weight", minimum=0)
-                    kd = gr.Number(0.75, label="KD weight", minimum=0)
-                    feature = gr.Number(0, label="feature weight", minimum=0)
-                    cam = gr.Number(0, label="CAM weight", minimum=0)
+                    ce = gr.Number(FORM["weights"].get("ce", 0), label="CE weight", minimum=0)
+                    kd = gr.Number(FORM["weights"].get("kd", 0), label="KD weight", minimum=0)
+                    feature = gr.Number(FORM["weights"].get("feature", 0), label="feature weight", minimum=0)
+                    cam = gr.Number(FORM["weights"].get("cam", 0), label="CAM weight", minimum=0)
                 with gr.Row():
-                    temperature = gr.Number(4, label="temperature T")
-                    epochs = gr.Number(10, label="epochs", precision=0)
-                    lr = gr.Number(0.05, label="learning rate")
+                    temperature = gr.Number(FORM["temperature"], label="temperature T")
+                    epochs = gr.Number(FORM["epochs"], label="epochs", precision=0)
+                    lr = gr.Number(FORM["lr"], label="learning rate")
                 with gr.Row():
-                    batch_size = gr.Number(256, label="batch size", precision=0)
-                    seed = gr.Number(0, label="seed", precision=0)
-                    limit = gr.Number(0, label="subset size (0: all)", precision=0)
-                    teacher_views = gr.Number(0, label="teacher views (0: teacher every step)", precision=0,
+                    batch_size = gr.Number(FORM["batch_size"], label="batch size", precision=0)
+                    seed = gr.Number(FORM["seed"], label="seed", precision=0)
+                    limit = gr.Number(FORM["limit"] or 0, label="subset size (0: all)", precision=0)
+                    teacher_views = gr.Number(FORM["teacher_views"], label="teacher views (0: teacher every step)",
+                                              precision=0,
                                               info="N: run the teacher once on N crop/flip views of each image "
                                                    "and reuse its outputs; much faster with a large teacher "
                                                    "(KD and CAM only)")
                 launch = gr.Button("Launch", variant="primary")
                 launch_message = gr.Markdown()
-        jobs_table = gr.Dataframe(headers=dashboard.JOB_COLUMNS, interactive=False, label="Jobs")
+        jobs_table = gr.Dataframe(headers=distill_tab.JOB_COLUMNS, interactive=False, label="Jobs")
         with gr.Row():
             job_choice = gr.Dropdown(label="Job", choices=[], allow_custom_value=True)
             cancel = gr.Button("Cancel job", variant="stop")
@@ -341,8 +366,10 @@ with gr.Blocks(title="KD Workbench") as demo:
         timer = gr.Timer(2.0)
 
     launch.click(launch_job, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature, epochs, lr,
-                              batch_size, seed, limit, teacher_views, job_name], [launch_message, job_choice],
+                              batch_size, seed, limit, teacher_views, job_name, job_recipe], [launch_message, job_choice],
                  api_name="launch_job")
+    job_recipe.change(recipe_form, job_recipe, [job_teacher, job_student, ce, kd, feature, cam, temperature, epochs,
+                                                lr, batch_size, seed, limit, teacher_views], api_name="recipe_form")
     refresh_outputs = [jobs_table, job_choice, progress, loss_plot, accuracy_plot, known_checkpoints,
                        teacher, students, job_teacher]
     timer.tick(refresh_jobs, [job_choice, known_checkpoints], refresh_outputs, api_name="jobs",

@@ -6,13 +6,13 @@
 times training steps of one distillation two ways, with the teacher run at every step and with a
 teacher bank (``--teacher-views``), plus the bank's build, on random images of the teacher's input
 size, and prints what a run of ``--epochs`` epochs over 50,000 images costs each way.
-Like the training commands it keeps freed memory for reuse (:mod:`kd_core.allocator`);
+Like the training commands it keeps freed memory for reuse (:mod:`kd_core.runtime`);
 ``--system-malloc`` measures glibc's default instead.
 
     python -m kd_core.bench explain --checkpoints DIR --teacher NAME --student NAME \\
         [--method gradcam] [--repeats 30] [--threads 1] [--image PATH]
 
-times whole :func:`kd_core.explain.explain` calls as the app makes them: from an image file
+times whole :func:`kd_core.explain.pipeline.explain` calls as the app makes them: from an image file
 (decoded every call) to probabilities, maps and overlays. The image is ``--image`` (e.g. one of
 ``assets/examples/``), else a synthetic 1024 x 768 JPEG: the largest picture the Explain tab
 draws on (uploads are capped at 1024 pixels a side), so the worst case for decoding and overlays.
@@ -35,7 +35,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits  # installed with grad-cam (through scikit-learn)
 
 from . import models
-from .allocator import reuse_freed_memory
+from .runtime import reuse_freed_memory
 from .checkpoint import load_checkpoint
 from .data import AugmentConfig, DataBundle, Split
 from .explain import ModelCache, cam_methods, explain
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     distill.add_argument("--epochs", type=int, default=20, help="epochs of the run to cost (default 20)")
     distill.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     distill.add_argument("--system-malloc", action="store_true",
-                         help="leave glibc's malloc as it is (training commands keep freed memory: kd_core.allocator)")
+                         help="leave glibc's malloc as it is (training commands keep freed memory: kd_core.runtime)")
     bench = commands.add_parser("explain", help="latency of one Explain-tab call (teacher + student)")
     bench.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder")
     bench.add_argument("--teacher", required=True, help="teacher checkpoint name (file stem)")

@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from . import models
+from .files import write_atomically
 
 FORMAT = "kd_core/1"
 SUFFIX = ".safetensors"
@@ -31,6 +33,39 @@ WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class MissingCheckpointError(CheckpointError):
+    """The named checkpoint is not (or no longer) in its folder."""
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a checkpoint's file stem: no folders, no dot files
+
+
+def checkpoint_file(name: Any, folder: str | os.PathLike) -> Path:
+    """The file of the checkpoint called ``name`` (a file stem as listed, ``.safetensors`` optional)
+    inside ``folder``; :class:`CheckpointError` for a name that is not one, leads out of the folder
+    (a symlink included), or is not there (:class:`MissingCheckpointError`). Messages name the
+    checkpoint, never the folder's path on the server."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"a checkpoint name must be text, not {type(name).__name__}")
+    stem = name.removesuffix(SUFFIX)
+    if not NAME.fullmatch(stem):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise CheckpointError(f"{shown!r} is not a checkpoint name: letters, digits, '.', '_' and '-' (at most "
+                              "100, no folders), as listed")
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise CheckpointError("the checkpoints folder does not exist")
+    resolved = (root / f"{stem}{SUFFIX}").resolve()
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(f"checkpoint {stem!r} links to a file outside the checkpoints folder; refused")
+    if not resolved.is_file():
+        available = sorted(path.stem for path in root.glob(f"*{SUFFIX}"))
+        raise MissingCheckpointError(
+            f"checkpoint {stem!r} is not in the checkpoints folder (deleted or renamed?); refresh the list. "
+            f"Available: {', '.join(available) if available else 'none'}")
+    return resolved
 
 
 @dataclass
@@ -83,20 +118,6 @@ def round_weights(model: torch.nn.Module, weights_dtype: str) -> torch.nn.Module
                 raise ValueError(f"parameter {name} reaches {largest:.3g}, beyond {weights_dtype}'s range")
             parameter.copy_(parameter.to(dtype))
     return model
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a synced temporary file: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: models.Classifier, meta: dict[str, Any]) -> Path:

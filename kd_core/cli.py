@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from . import models, recipes
-from .allocator import reuse_freed_memory
+from . import models
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from .data import AugmentConfig, DataError, load_data
-from .training import TqdmProgress, TrainConfig
+from .data import DataError, load_data
+from .experiments import recipes
+from .losses import LOSSES
+from .runtime import reuse_freed_memory
+from .training import TqdmProgress
+from .training.config import parse_setting, with_overrides
 
-LOSS_TERMS = ("ce", "kd", "feature", "cam", "cosine", "at")
-CHECKPOINT_DIR = Path("checkpoints")
-DEFAULT_DISTILL_WEIGHTS = {"ce": 0.5, "kd": 0.5}  # Hinton's alpha = 0.5 when no weight is given
+LOSS_TERMS = tuple(LOSSES.names())
+CHECKPOINT_DIR = recipes.CHECKPOINTS
+# The everyday settings that have a flag of their own (flag destination -> setting); every other
+# setting is reached with --set NAME=VALUE.
+NAMED_SETTINGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+                  "label_smoothing": "label_smoothing", "seed": "seed", "limit": "limit", "device": "device",
+                  "eval_every": "eval_every", "crop_padding": "augment.crop_padding", "rotation": "augment.rotation",
+                  "color_jitter": "augment.color_jitter", "cutout": "augment.cutout", "temperature": "temperature",
+                  "teacher_views": "teacher_views"}
 
 
 class UsageError(Exception):
@@ -53,19 +62,17 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     opt.add_argument("--epochs", type=int, help="passes over the training set (>= 1)")
     opt.add_argument("--batch-size", type=int, help="images per step")
     opt.add_argument("--lr", type=float, help="peak learning rate")
-    opt.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
-    opt.add_argument("--momentum", type=float, help="SGD momentum (Nesterov)")
     opt.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    opt.add_argument("--schedule", choices=("cosine", "onecycle", "constant"),
-                     help="learning-rate schedule after the linear warm-up")
-    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
     opt.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1)")
-    opt.add_argument("--ema-decay", type=float, help="keep and save an exponential moving average of the weights (0: off)")
     opt.add_argument("--seed", type=int, help="random seed (model init, data order, augmentation)")
     opt.add_argument("--limit", type=int, help="train on a random subset of N training images")
     opt.add_argument("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     opt.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 on capable CPUs, fp16 on CUDA)")
     opt.add_argument("--eval-every", type=int, help="test-set evaluation every N epochs (0: only at the end)")
+
+    opt.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                     help="set any training setting by name, checked against kd_core.training.TrainConfig (e.g. "
+                          "--set schedule=onecycle --set augment.cutout=8 --set mirror_views=true); repeatable")
 
     aug = parser.add_argument_group("augmentation (on whole batches)")
     aug.add_argument("--crop-padding", type=int, help="random crop after reflect padding by N pixels (0: off)")
@@ -78,30 +85,17 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss = parser.add_argument_group(
             "distillation objective: loss = sum of weight x term (Hinton's alpha mix is --ce 1-a --kd a)")
         loss.add_argument("--ce", type=float, help="weight of cross-entropy with the labels; without a recipe and without any weight given, "
-                          "distill uses --ce 0.5 --kd 0.5")
+                          "distill uses --ce 0.25 --kd 0.75")
         loss.add_argument("--kd", type=float, help="weight of Hinton KD, KL(softmax(t/T) || softmax(s/T)) * T^2")
         loss.add_argument("--feature", type=float, help="weight of the FitNets hint (MSE through a 1x1 adapter)")
         loss.add_argument("--cam", type=float, help="weight of CAM alignment (CAM-KD)")
         loss.add_argument("--cosine", type=float, help="weight of the tutorial's cosine hidden-representation loss")
         loss.add_argument("--at", type=float, help="weight of attention transfer")
         loss.add_argument("--temperature", "-T", type=float, help="KD temperature T > 0")
-        loss.add_argument("--kd-standardize", action=argparse.BooleanOptionalAction, default=None,
-                          help="KD between z-scored logits (logit standardization, Sun et al. 2024): match the "
-                               "shape of the teacher's logits, not their scale")
-        loss.add_argument("--cam-target", choices=("teacher", "label"), help="CAM class: teacher's prediction or label")
-        loss.add_argument("--cam-distance", choices=("l1", "mse"), help="distance between normalized CAMs")
-        loss.add_argument("--feature-spatial", choices=("pool", "resize"),
-                          help="how feature maps of different sizes are matched")
         loss.add_argument("--teacher-views", type=int, metavar="N",
                           help="0: run the teacher at every step; N: run it once on N random crop/flip views of "
                                "every training image, keep its outputs in the cache folder and train on those views "
                                "(much faster with a large teacher; kd and cam terms only)")
-        loss.add_argument("--mirror-views", action=argparse.BooleanOptionalAction, default=None,
-                          help="with --teacher-views: also train on each view's mirror image, reusing that view's "
-                               "teacher outputs (twice the distinct images for the same teacher cost)")
-        loss.add_argument("--distinct-views", action=argparse.BooleanOptionalAction, default=None,
-                          help="with --teacher-views: give every image's views distinct crop windows (all windows "
-                               "before any repeats) rather than independent random ones, which repeat")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,63 +162,52 @@ def build_parser() -> argparse.ArgumentParser:
 # train / distill
 
 
-def _resolve_config(args: argparse.Namespace, base: TrainConfig, distill: bool) -> TrainConfig:
-    overrides = {key: getattr(args, key) for key in (
-        "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
-        "label_smoothing", "ema_decay", "seed", "limit", "device", "eval_every")
-        if getattr(args, key, None) is not None}
+def _overrides(args: argparse.Namespace, recipe: recipes.Recipe, distill: bool) -> dict:
+    """The settings the command line changes in ``recipe``: named flags, then every ``--set``."""
+    overrides = {setting: getattr(args, flag) for flag, setting in NAMED_SETTINGS.items()
+                 if getattr(args, flag, None) is not None}
     if args.no_amp:
         overrides["amp"] = False
-    augment = base.augment
-    for key in ("crop_padding", "rotation", "color_jitter", "cutout"):
-        if getattr(args, key) is not None:
-            augment = replace(augment, **{key: getattr(args, key)})
     if args.no_flip:
-        augment = replace(augment, flip=False)
-    overrides["augment"] = augment
+        overrides["augment.flip"] = False
     if distill:
         given = {term: getattr(args, term) for term in LOSS_TERMS if getattr(args, term) is not None}
-        if given:
-            weights = dict(base.loss_weights) if args.recipe else {}
-            weights.update(given)
-            overrides["loss_weights"] = weights
-        elif not args.recipe:
-            overrides["loss_weights"] = dict(DEFAULT_DISTILL_WEIGHTS)
-        for key in ("temperature", "kd_standardize", "cam_target", "cam_distance", "feature_spatial", "teacher_views", "mirror_views",
-                    "distinct_views"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
-    return replace(base, **overrides).validate()
+        if given:  # a recipe's other terms stay; with no recipe, only the terms given
+            overrides["loss_weights"] = {**(recipe.config.loss_weights if recipe.named else {}), **given}
+    for assignment in args.settings:
+        name, value = parse_setting(assignment)
+        overrides[name] = value
+    return overrides
+
+
+def resolve_run(args: argparse.Namespace, distill: bool):
+    """What ``train``/``distill`` would run for these arguments (a :class:`kd_core.run.RunSpec`)."""
+    if args.recipe is None and args.arch is None:
+        raise UsageError(f"say which model to train: --{'student' if distill else 'model'} ARCH or --recipe NAME")
+    recipe = recipes.get(args.recipe) if args.recipe else recipes.Recipe.custom(args.arch, distill)
+    if args.arch is not None:
+        models.MODELS.get(args.arch)  # unknown names fail here, before any data is loaded
+    if not distill and recipe.teacher:
+        raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}: use `distill --recipe {recipe.name}`")
+    teacher = getattr(args, "teacher", None)
+    if distill and teacher is None and recipe.teacher:  # distill always has a teacher, even for a CE-only objective
+        teacher = CHECKPOINT_DIR / f"{recipe.teacher}.safetensors"
+    spec = recipe.run_spec(_overrides(args, recipe, distill), arch=args.arch, teacher=teacher,
+                           data=args.data, name=args.name, output=args.output,
+                           state_path=args.run_dir / "resume.safetensors" if args.run_dir else None,
+                           cache_dir=args.cache_dir, weights_dtype=args.weights_dtype)
+    if distill and spec.teacher is None:
+        raise UsageError("distill needs --teacher CHECKPOINT")
+    return spec
 
 
 def _train(args: argparse.Namespace, distill: bool) -> int:
-    from .run import RunSpec, run
+    from .run import run
 
-    recipe = recipes.get(args.recipe) if args.recipe else None
-    arch = args.arch or (recipe.arch if recipe else None)
-    if arch is None:
-        raise UsageError(f"say which model to train: --{'student' if distill else 'model'} ARCH or --recipe NAME")
-    models.MODELS.get(arch)  # unknown names fail here, before any data is loaded
-    config = _resolve_config(args, recipe.config if recipe else TrainConfig(), distill)
-    teacher = getattr(args, "teacher", None)
-    if distill and teacher is None and recipe and recipe.teacher:
-        teacher = CHECKPOINT_DIR / f"{recipe.teacher}.safetensors"
-    if distill and teacher is None:
-        raise UsageError("distill needs --teacher CHECKPOINT")
-    if not distill and recipe and recipe.teacher:
-        raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}: use `distill --recipe {recipe.name}`")
-    name = args.name or (recipe.name if recipe and args.arch in (None, recipe.arch) else arch)
-    output = args.output or CHECKPOINT_DIR / f"{name}.safetensors"
-    run_dir = args.run_dir or Path("runs") / name
+    spec = resolve_run(args, distill)
+    run_dir = spec.state_path.parent
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    spec = RunSpec(arch=arch, data=args.data or (recipe.data if recipe else "cifar10"), config=config,
-                   output=output, teacher=teacher, name=name,
-                   role=recipe.role if recipe and arch == recipe.arch else ("student" if distill else "teacher"),
-                   recipe=recipe.name if recipe else None, arch_args=dict(recipe.arch_args) if recipe else {},
-                   state_path=run_dir / "resume.safetensors", cache_dir=args.cache_dir,
-                   weights_dtype=args.weights_dtype or (recipe.weights_dtype if recipe and arch == recipe.arch
-                                                        else "float32"))
 
     def install_stop(trainer) -> None:
         def stop(signum, frame):
@@ -347,11 +330,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import run_study
+    from .experiments.study import run_study
 
     recipe = recipes.get(args.recipe)
     overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device") if getattr(args, key) is not None}
-    config = replace(recipe.config, **overrides).validate()
+    config = with_overrides(recipe.config, overrides).validate()
     if args.kind == "temperature" and any(t <= 0 for t in args.temperatures):
         raise UsageError("temperatures must be > 0")
     teacher = args.teacher or (CHECKPOINT_DIR / f"{recipe.teacher}.safetensors" if recipe.teacher else None)
@@ -364,6 +347,30 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce_command(meta: dict) -> str | None:
+    """The command that retrains a checkpoint from its metadata: its recipe's command plus a flag for
+    every setting that differs from the recipe (a named flag where there is one, else ``--set``);
+    None when no recipe made it."""
+    found = recipes.differences(meta)
+    if found is None:
+        return None
+    recipe, changed, arch_args_differ = found
+    flags = {setting: flag for flag, setting in NAMED_SETTINGS.items()}
+    if not recipe.teacher:  # train has no distillation flags
+        flags = {setting: flag for setting, flag in flags.items() if setting not in ("temperature", "teacher_views")}
+    parts = [recipe.command]
+    for setting, value in changed.items():
+        if setting in flags and value is not None:
+            parts.append(f"--{flags[setting].replace('_', '-')} {value:g}" if isinstance(value, float) else
+                         f"--{flags[setting].replace('_', '-')} {value}")
+        elif (setting, value) in (("amp", False), ("augment.flip", False)):
+            parts.append("--no-amp" if setting == "amp" else "--no-flip")
+        else:
+            text = value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else json.dumps(value)
+            parts.append(f"--set {shlex.quote(f'{setting}={text}')}")
+    return " ".join(parts) + (" (and other architecture arguments)" if arch_args_differ else "")
+
+
 def _markdown_table(rows: list[dict]) -> str:
     lines = ["| checkpoint | role | params | MACs | file | test top-1 | method | teacher | training | "
              "CPU batch-1 latency | command | source project (original CIFAR-10) |", "|---" * 12 + "|"]
@@ -373,7 +380,7 @@ def _markdown_table(rows: list[dict]) -> str:
             continue
         meta, metrics = row["meta"], row["meta"].get("metrics", {})
         latency = metrics.get("latency_ms_batch1")
-        command = recipes.reproduce_command(meta)
+        command = reproduce_command(meta)
         name = meta.get("recipe")
         published = recipes.get(name).published if name in recipes.RECIPES else None
         lines.append(
@@ -392,7 +399,7 @@ def _training_time(meta: dict) -> str:
     text = f"{meta.get('train_seconds', 0) / 60:.1f} min, {meta.get('config', {}).get('epochs', '?')} epochs"
     if meta.get("teacher_bank_seconds"):
         config = meta["config"]
-        views = (f"{config['teacher_views']} {'distinct ' if config.get('distinct_views') else ''}views"
+        views = (f"{config['teacher_views']} views"
                  + (" + mirrors" if config.get("mirror_views") else ""))
         reused = ", built by an earlier run" if meta.get("teacher_bank_reused") else ""
         text += f" + {meta['teacher_bank_seconds'] / 60:.1f} min teacher bank ({views}{reused})"

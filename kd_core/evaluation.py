@@ -29,10 +29,6 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
     return torch.cat(outputs)
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
-
-
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(K, K)`` counts; row = true class, column = predicted class."""
     flat = labels * num_classes + predictions
@@ -57,3 +53,13 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dic
     kl = torch.nn.functional.kl_div(student_logits.log_softmax(1), teacher_logits.log_softmax(1),
                                     log_target=True, reduction="batchmean").item()
     return {"top1_agreement": 100.0 * same, "kl_teacher_student": kl}
+
+
+def student_mistakes(student, teacher, images: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the images (uint8 ``(N, C, H, W)``) that ``teacher`` classifies correctly and
+    ``student`` does not (two loaded checkpoints), and the student's predictions on all of them."""
+    student_predictions = predict(student.model, images, student.mean, student.std).argmax(1)
+    teacher_predictions = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1)
+    chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:, 0]
+    return chosen, student_predictions

@@ -18,7 +18,7 @@ from .data.sources import default_cache_dir
 from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
 from .training import Callback, TrainConfig, Trainer, TrainResult
-from .training.engine import seed_everything
+from .runtime import seed_everything
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""kd_core.allocator: after reuse_freed_memory(), a big block freed and allocated again costs no new
+"""kd_core.runtime: after reuse_freed_memory(), a big block freed and allocated again costs no new
 page faults; with glibc's default (or KD_CORE_MALLOC=system) every allocation faults its pages in."""
 import os
 import platform
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="kd_core.allocator tunes glibc's malloc only")
+                                reason="kd_core.runtime tunes glibc's malloc only")
 
 # Allocates, writes and frees a 64 MB tensor 40 times (as training steps do their activations) and
 # prints whether the allocator was tuned and the minor page faults of those allocations. Tuned, the
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # every block reuses freed memory.
 PROBE = """
 import resource, torch
-from kd_core.allocator import reuse_freed_memory
+from kd_core.runtime import reuse_freed_memory
 tuned = reuse_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(40):

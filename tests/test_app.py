@@ -27,7 +27,7 @@ from PIL import Image
 
 from conftest import CIFAR_CLASSES
 from kd_core.checkpoint import load_checkpoint
-from kd_core.compare import load_sample
+from kd_core.dashboard.models_tab import load_sample
 from kd_core.evaluation import predict
 from kd_core.explain import explain
 from kd_core.jobs import JobStore
@@ -454,7 +454,7 @@ def test_distillation_job_completes_and_its_checkpoint_is_listed(server, client)
 
 def test_cancel_stops_a_running_job_and_its_workers(server, client):
     store = JobStore(server.runs)
-    long_job = launch(client, server, epochs=400, name="long")
+    long_job = launch(client, server, epochs=300, name="long")
     queued_job = launch(client, server, epochs=1, name="after-long")  # one job at a time: it waits
     assert store.get(queued_job)["state"] == "queued"
 

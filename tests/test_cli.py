@@ -83,13 +83,13 @@ def test_errors_are_one_line_with_status_2(capsys, workdir, folder_data, argv, m
 
 
 TRAINING_OPTIONS = ["--recipe", "--data", "--output", "--name", "--run-dir", "--fresh", "--cache-dir", "--epochs",
-                    "--batch-size", "--lr", "--optimizer", "--momentum", "--weight-decay", "--schedule",
-                    "--warmup-epochs", "--label-smoothing", "--ema-decay", "--seed", "--limit", "--device",
-                    "--no-amp", "--eval-every", "--crop-padding", "--no-flip", "--rotation", "--color-jitter", "--cutout"]
+                    "--batch-size", "--lr", "--weight-decay", "--label-smoothing", "--seed", "--limit", "--device",
+                    "--no-amp", "--eval-every", "--set", "--crop-padding", "--no-flip", "--rotation", "--color-jitter",
+                    "--cutout"]
 HELP_OPTIONS = {
     "train": TRAINING_OPTIONS + ["--model"],
-    "distill": TRAINING_OPTIONS + ["--student", "--teacher", "--temperature", "--cam-target", "--cam-distance",
-                                   "--feature-spatial"] + [f"--{term}" for term in LOSS_TERMS],
+    "distill": TRAINING_OPTIONS + ["--student", "--teacher", "--temperature", "--teacher-views"]
+               + [f"--{term}" for term in LOSS_TERMS],
     "evaluate": ["--data", "--teacher", "--speed", "--json", "--cache-dir"],
     "list": ["--json"],
     "study": ["--recipe", "--seeds", "--temperatures", "--feature-weight", "--teacher", "--data", "--output",
@@ -203,27 +203,6 @@ def test_float16_weights_are_what_is_evaluated_and_stored(capsys, workdir, folde
     assert exit_info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
 
 
-def test_reproduce_command_names_every_difference_from_the_recipe():
-    from kd_core.recipes import get, reproduce_command
-
-    recipe = get("camnet-kd-cam")
-    meta = {"recipe": "camnet-kd-cam", "config": json.loads(json.dumps(recipe.config.to_dict())),
-            "arch_args": {"num_classes": 10, "in_channels": 3, "flip_tta": True, "translate_tta": True}}
-    assert reproduce_command(meta) == "python -m kd_core distill --recipe camnet-kd-cam"
-    meta["config"].update(epochs=7, lr=0.125, device="cuda")  # the device is not a difference
-    meta["config"]["augment"]["cutout"] = 8
-    assert reproduce_command(meta) == ("python -m kd_core distill --recipe camnet-kd-cam --epochs 7 --lr 0.125 "
-                                       "(and settings that differ in augment)")
-    meta["config"]["mirror_views"] = True  # a switch is named as one
-    assert reproduce_command(meta) == ("python -m kd_core distill --recipe camnet-kd-cam --epochs 7 --lr 0.125 "
-                                       "--mirror-views (and settings that differ in augment)")
-    airnet = get("airnet")
-    meta = {"recipe": "airnet", "config": json.loads(json.dumps(airnet.config.to_dict())),
-            "arch_args": {"num_classes": 10, "in_channels": 3, "widths": [64, 256, 256], "flip_tta": True}}
-    assert reproduce_command(meta) == "python -m kd_core train --recipe airnet (and settings that differ in arch_args)"
-    assert reproduce_command({"recipe": None}) is None and reproduce_command({"recipe": "gone"}) is None
-
-
 def test_list_markdown_table(capsys, workdir, folder_data):
     code, _, _ = run_cli(capsys, "train", "--recipe", "camnet-ce", "--data", folder_data, *common(workdir, "camnet-ce"))
     assert code == 0
@@ -270,56 +249,10 @@ def test_training_time_names_a_mirrored_bank():
     meta = {"train_seconds": 600, "teacher_bank_seconds": 120, "teacher_bank_reused": True,
             "config": {"epochs": 5, "teacher_views": 16, "mirror_views": True}}
     assert _training_time(meta) == "10.0 min, 5 epochs + 2.0 min teacher bank (16 views + mirrors, built by an earlier run)"
-    meta["config"]["distinct_views"] = True
-    assert _training_time(meta) == ("10.0 min, 5 epochs + 2.0 min teacher bank "
-                                    "(16 distinct views + mirrors, built by an earlier run)")
-
-
-def test_mirror_views_switch_reaches_the_config():
-    from kd_core import recipes
-    from kd_core.cli import _resolve_config
-
-    parser = build_parser()
-    on = _resolve_config(parser.parse_args(["distill", "--recipe", "airnet-micro-kd", "--mirror-views"]),
-                         recipes.get("airnet-micro-kd").config, distill=True)
-    assert on.mirror_views and on.teacher_views == 16
-    off = _resolve_config(parser.parse_args(["distill", "--recipe", "airnet-micro-kd", "--no-mirror-views"]),
-                          on, distill=True)
-    assert not off.mirror_views
-
-
-def test_distinct_views_switch_reaches_the_config_and_the_reproduce_command():
-    from kd_core import recipes
-    from kd_core.cli import _resolve_config
-
-    recipe = recipes.get("airnet-micro-kd")
-    assert not recipe.config.distinct_views
-    on = _resolve_config(build_parser().parse_args(["distill", "--recipe", "airnet-micro-kd", "--distinct-views"]),
-                         recipe.config, distill=True)
-    assert on.distinct_views and on.mirror_views
-    meta = {"recipe": "airnet-micro-kd", "config": json.loads(json.dumps(on.to_dict())),
-            "arch_args": {"num_classes": 10, "in_channels": 3, **json.loads(json.dumps(recipe.arch_args))}}
-    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd --distinct-views"
-    del meta["config"]["distinct_views"]  # saved before the setting existed: it ran with the default
-    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd"
-
-
-def test_kd_standardize_switch_reaches_the_config_and_the_reproduce_command():
-    from kd_core import recipes
-    from kd_core.cli import _resolve_config
-
-    recipe = recipes.get("lightnn-kd")
-    args = build_parser().parse_args(["distill", "--recipe", "lightnn-kd", "--kd-standardize", "-T", "2"])
-    on = _resolve_config(args, recipe.config, distill=True)
-    assert on.kd_standardize and on.temperature == 2 and not recipe.config.kd_standardize
-    meta = {"recipe": "lightnn-kd", "config": json.loads(json.dumps(on.to_dict())), "arch_args": {}}
-    assert recipes.reproduce_command(meta) == "python -m kd_core distill --recipe lightnn-kd --temperature 2 --kd-standardize"
-    off = _resolve_config(build_parser().parse_args(["distill", "--recipe", "lightnn-kd"]), recipe.config, distill=True)
-    assert not off.kd_standardize
 
 
 def test_training_commands_keep_freed_memory_and_others_do_not(capsys, workdir, monkeypatch):
-    """train, distill and study tune malloc (kd_core.allocator) before anything else; a listing does not."""
+    """train, distill and study tune malloc (kd_core.runtime) before anything else; a listing does not."""
     calls = []
     monkeypatch.setattr("kd_core.cli.reuse_freed_memory", lambda: calls.append(True) or True)
     assert main(["recipes"]) == 0 and main(["models"]) == 0
@@ -330,3 +263,18 @@ def test_training_commands_keep_freed_memory_and_others_do_not(capsys, workdir, 
         assert main(argv) == 2
     assert len(calls) == 3
     assert capsys.readouterr().err.count("no-such-recipe") == 3
+
+
+@pytest.mark.parametrize("switch, value", [("mirror_views", True), ("kd_standardize", True), ("cam_distance", "mse")])
+def test_settings_without_a_flag_are_set_by_name(switch, value):
+    from kd_core.cli import reproduce_command, resolve_run
+    from kd_core.experiments import recipes
+
+    text = str(value).lower() if isinstance(value, bool) else value
+    spec = resolve_run(build_parser().parse_args(["distill", "--recipe", "airnet-micro-kd", "--set",
+                                                  f"{switch}={text}"]), distill=True)
+    assert getattr(spec.config, switch) == value
+    meta = {"recipe": "airnet-micro-kd", "config": spec.config.to_json(),
+            "arch_args": {"num_classes": 10, "in_channels": 3, **json.loads(json.dumps(recipes.get("airnet-micro-kd").arch_args))}}
+    expected = "" if getattr(recipes.get("airnet-micro-kd").config, switch) == value else f" --set {switch}={text}"
+    assert reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd" + expected

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-import kd_core.explain as explain_module
+import kd_core.explain.cache as explain_module
 from kd_core import bench, models
 from kd_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kd_core.explain import (MissingCheckpointError, ModelCache, ModelExplanation, cam_correlation, cam_methods,
                              compare, compute_cam, explain, overlay_heatmap, top_region_iou)
-from kd_core.images import ImageError, load_image, to_model_input
+from kd_core.explain.images import ImageError, load_image, to_model_input
 from kd_core.models.base import GapLinearClassifier, GapLinearHead
 
 CLASSES = ["cat", "dog", "bird"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from kd_core.images import MAX_PIXELS, ImageError, load_image, to_model_input
+from kd_core.explain.images import MAX_PIXELS, ImageError, load_image, to_model_input
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -256,7 +256,7 @@ def test_grayscale_models_get_luminance():
 
 def test_uploaded_source_accepts_only_files_in_the_upload_folder_and_data_urls(tmp_path):
     import base64
-    from kd_core.images import NOT_UPLOADED, uploaded_source
+    from kd_core.explain.images import NOT_UPLOADED, uploaded_source
 
     uploads, outside = tmp_path / "uploads", tmp_path / "outside"
     (uploads / "abc").mkdir(parents=True)

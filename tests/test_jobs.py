@@ -120,7 +120,7 @@ def test_a_job_can_distil_from_a_teacher_bank(bench, manager):
 
 
 def test_one_job_at_a_time_and_cancel_stops_the_process_group_within_2_s(bench, manager):
-    first = manager.submit(job_spec(bench, epochs=1000))
+    first = manager.submit(job_spec(bench, epochs=300))
     second = manager.submit(job_spec(bench))
     assert first["state"] == "running" and second["state"] == "queued"
     first = wait_until(manager, first["id"], lambda job: job["progress"] > 0)
@@ -136,7 +136,7 @@ def test_one_job_at_a_time_and_cancel_stops_the_process_group_within_2_s(bench, 
 
 
 def test_a_worker_killed_from_outside_is_noticed_by_the_next_tick(bench, manager):
-    job = manager.submit(job_spec(bench, epochs=1000))
+    job = manager.submit(job_spec(bench, epochs=300))
     job = wait_until(manager, job["id"], lambda job: job["progress"] > 0)
     os.killpg(job["pgid"], signal.SIGKILL)  # the out-of-memory killer, say
     job = wait_until(manager, job["id"], lambda job: job["state"] == "interrupted", timeout=5)

@@ -27,8 +27,6 @@ PARAMETERS = {
     "mlp": 3_676_682,
     # trains in this form, ships as camnet: 3x3 + BN and 1x1 + BN branches per conv
     "camnet_rep": 96_170 + 3 * 128 + 128 * 64 + 64 * 32 + 4 * (128 + 64 + 32) - (128 + 64 + 32),
-    # trains in this form, ships as airnet: a 1x1 branch beside each of its six 3x3 convs
-    "airnet_rep": 1_972_792 + 24 * 64 + 64 * 64 + 64 * 256 + 256 * 256 + 256 * 256 + 256 * 256,
 }
 # He et al. 2016, Table 6 (CIFAR-10), in millions
 PAPER_MILLIONS = {"resnet20": 0.27, "resnet32": 0.46, "resnet56": 0.85}
@@ -132,7 +130,7 @@ def test_resnet_depth_must_be_6n_plus_2():
         CifarResNet(21)
 
 
-TTA_MODELS = [("airnet", {"widths": (8, 16, 16)}), ("airnet_rep", {"widths": (8, 16, 16)}), ("camnet", {}),
+TTA_MODELS = [("airnet", {"widths": (8, 16, 16)}), ("camnet", {}),
               ("camnet_rep", {})]
 
 
@@ -207,12 +205,11 @@ def _randomize_batchnorm(model: torch.nn.Module) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("expand", [1, 3])
-def test_camnet_rep_folds_exactly_into_camnet(expand):
+def test_camnet_rep_folds_exactly_into_camnet():
     """The training form and the plain camnet it folds into compute the same function (eval mode),
     features and logits alike, and the folded net has camnet's exact size."""
     torch.manual_seed(0)
-    trained = models.create("camnet_rep", expand=expand)
+    trained = models.create("camnet_rep")
     _randomize_batchnorm(trained)
     arch, args, plain = trained.reparameterize()
     assert (arch, args) == ("camnet", {"num_classes": 10, "in_channels": 3})
@@ -244,7 +241,7 @@ def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():
 
     for stride in (1, 2):
         for padding in (0, 1):
-            block = RepConv3x3(4, 5, stride=stride, padding=padding, expand=2)
+            block = RepConv3x3(4, 5, stride=stride, padding=padding)
             _randomize_block = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
             with torch.no_grad():
                 for bn in _randomize_block:
@@ -259,29 +256,3 @@ def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():
             torch.testing.assert_close(folded, block(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="padding 0 or 1"):
         RepConv3x3(4, 5, padding=2)
-
-
-@pytest.mark.parametrize("residual", [False, True])
-def test_airnet_rep_folds_exactly_into_airnet(residual):
-    """Each 3x3 + 1x1 block folds into its conv, and its bias into the next BatchNorm's running mean
-    (through the max-pool for a group's first conv): the plain airnet computes the same logits."""
-    torch.manual_seed(0)
-    kw = {"widths": (8, 16, 24), "residual": residual, "flip_tta": True, "translate_tta": True}
-    trained = models.create("airnet_rep", **kw)
-    trained.init_from_data(torch.randn(32, 3, 32, 32))
-    trained.train()
-    with torch.no_grad():
-        for _ in range(3):  # non-trivial running statistics in every branch
-            trained(torch.randn(16, 3, 32, 32) * 2 + 0.5)
-    trained.eval()
-    arch, args, plain = trained.reparameterize()
-    expected_args = {"num_classes": 10, "in_channels": 3, "widths": [8, 16, 24], "flip_tta": True,
-                     "translate_tta": True, **({"residual": True} if residual else {})}
-    assert (arch, args) == ("airnet", expected_args)
-    assert type(plain) is type(models.create("airnet")) and not plain.training
-    assert models.count_parameters(plain) == models.count_parameters(models.create("airnet", **kw))
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert trained(x).abs().max() > 0.01  # something to compare
-        torch.testing.assert_close(plain.forward_features(x), trained.forward_features(x), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(plain(x), trained(x), atol=1e-5, rtol=1e-4)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image_folder
-from kd_core import recipes
+from kd_core.experiments import recipes
 from kd_core.cli import main
-from kd_core.study import (ablation_variants, matching_checkpoint, run_study, summarize, temperature_variants,
+from kd_core.experiments.study import (ablation_variants, matching_checkpoint, run_study, summarize, temperature_variants,
                            variants_for)
 from kd_core.training import Callback
 
@@ -63,17 +63,17 @@ def test_summary_mean_and_sample_std():
 
 
 def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_default():
-    """Settings added to TrainConfig later (distinct_views, say) are missing from older checkpoints
+    """Settings added to TrainConfig later (cam_distance, say) are missing from older checkpoints
     and results rows: those ran with the default, so a run of the recipe still matches them."""
     recipe = recipes.get("airnet-micro-kd")
     config = json.loads(json.dumps(recipe.config.to_dict()))
-    older = {key: value for key, value in config.items() if key != "distinct_views"}
+    older = {key: value for key, value in config.items() if key != "cam_distance"}
     meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, **json.loads(json.dumps(recipe.arch_args))},
             "data": {"source": recipe.data}, "config": older,
             "teacher": {"file": "airnet.safetensors", "weights_sha256": "w"}}
     teacher = Path("checkpoints/airnet.safetensors")
     assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "w") == (Path("old"), meta)
-    assert matching_checkpoint([(Path("old"), meta)], recipe, {**config, "distinct_views": True}, recipe.data,
+    assert matching_checkpoint([(Path("old"), meta)], recipe, {**config, "cam_distance": "mse"}, recipe.data,
                                teacher, "w") is None
     assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "other weights") is None
 
@@ -107,8 +107,8 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().out == out
     assert (tmp_path / "ablation" / "results.json").stat().st_mtime_ns == mtime
 
-    # Rows written before a setting existed (distinct_views here) ran with its default: still recorded.
-    older = [{**row, "config": {k: v for k, v in row["config"].items() if k != "distinct_views"}} for row in rows]
+    # Rows written before a setting existed (kd_standardize here) ran with its default: still recorded.
+    older = [{**row, "config": {k: v for k, v in row["config"].items() if k != "kd_standardize"}} for row in rows]
     (tmp_path / "ablation" / "results.json").write_text(json.dumps(older))
     mtime = (tmp_path / "ablation" / "results.json").stat().st_mtime_ns
     assert main([str(arg) for arg in study]) == 0

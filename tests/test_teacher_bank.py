@@ -12,7 +12,7 @@ from kd_core.cam import class_activation_map
 from kd_core.data import AugmentConfig, normalize
 from kd_core.data.augment import crop
 from kd_core.training import Callback, TrainConfig, Trainer, freeze
-from kd_core.training.teacher_bank import BankLoader, bank_key, build_bank, distinct_draws, load_or_build_bank
+from kd_core.training.teacher_bank import BankLoader, bank_key, build_bank, load_or_build_bank
 
 
 def teacher(arch="resnet8", seed=1) -> models.Classifier:
@@ -105,8 +105,7 @@ def test_bank_key_names_everything_the_targets_depend_on():
     key = bank_key(**base)
     assert bank_key(**base) == key
     changes = [{"teacher_weights": "abd"}, {"split": data.train.subset(8, seed=0)}, {"views": 5},
-               {"augment": AugmentConfig(crop_padding=3)}, {"cam_target": None}, {"seed": 1}, {"features": True},
-               {"distinct": True}]
+               {"augment": AugmentConfig(crop_padding=3)}, {"cam_target": None}, {"seed": 1}, {"features": True}]
     assert len({bank_key(**{**base, **change}) for change in changes} | {key}) == len(changes) + 1
 
 
@@ -274,58 +273,3 @@ def test_mirrored_views_need_a_bank():
     with pytest.raises(ValueError, match="mirrored views need a teacher bank"):
         TrainConfig(mirror_views=True).validate()
     TrainConfig(mirror_views=True, teacher_views=2).validate()
-
-
-def windows_and_flips(offsets, flips, side):
-    """Per image, the list of (window index, flip) of its views."""
-    windows = offsets[:, 0].long() * side + offsets[:, 1].long()  # (V, N)
-    return [list(zip(windows[:, n].tolist(), flips[:, n].tolist())) for n in range(windows.shape[1])]
-
-
-def test_distinct_views_cover_every_window_before_repeating_and_repeat_in_the_other_orientation():
-    generator = torch.Generator().manual_seed(0)
-    offsets, flips = distinct_draws(300, 1, True, 16, generator)  # 9 windows: a full round and 7 repeats
-    assert offsets.shape == (16, 2, 300) and offsets.dtype == torch.uint8 and flips.shape == (16, 300)
-    for views in windows_and_flips(offsets, flips, 3):
-        first, second = views[:9], views[9:]
-        assert sorted(w for w, _ in first) == list(range(9))             # every window once
-        assert len({w for w, _ in second}) == 7                           # the repeats are distinct too
-        orientation = dict(first)
-        assert all(f != orientation[w] for w, f in second)                # ... shown the other way round
-    assert flips[:9].float().mean().item() == pytest.approx(0.5, abs=0.05)  # first orientations are random
-    # the order of the windows is random, not a fixed sweep
-    assert len({tuple(w for w, _ in views[:9]) for views in windows_and_flips(offsets, flips, 3)}) > 200
-
-
-def test_without_flips_or_crops_distinct_views_stay_upright_or_uncropped():
-    generator = torch.Generator().manual_seed(1)
-    _, flips = distinct_draws(50, 2, False, 6, generator)
-    assert not flips.any()
-    offsets, flips = distinct_draws(50, 0, True, 3, generator)
-    assert not offsets.any() and torch.equal(flips[2], flips[0]) and torch.equal(flips[1], ~flips[0])
-
-
-def test_a_distinct_bank_stores_the_teachers_outputs_on_its_distinct_views(tmp_path):
-    data = synthetic_bundle(train_size=24)
-    model = teacher()
-    bank = build_bank(model, data.train, data.mean, data.std, AUGMENT, views=4, cam_target=None, seed=3,
-                      batch_size=8, distinct=True)
-    assert all(len({w for w, _ in views}) == 4 for views in windows_and_flips(bank.offsets, bank.flips, 5))
-    index = torch.arange(24)
-    images = bank.view_images(data.train.images.float().div(255), index, torch.full_like(index, 2))
-    with torch.no_grad():
-        expected = model.eval()(normalize(images, data.mean, data.std))
-    torch.testing.assert_close(bank.logits[2], expected, atol=1e-4, rtol=1e-4)
-    settings = TrainConfig(epochs=1, batch_size=8, augment=AUGMENT, teacher_views=4, distinct_views=True,
-                           loss_weights={"ce": 0.5, "kd": 0.5})
-    trainer = Trainer(student(), data, settings, teacher=teacher(), bank_dir=tmp_path)
-    trainer.fit()
-    saved = list((tmp_path / "teacher-banks").glob("*.safetensors"))
-    assert len(saved) == 1
-    reloaded = load_or_build_bank(tmp_path, saved[0].stem, lambda: None, AUGMENT.crop_padding)
-    assert all(len({w for w, _ in views}) == 4 for views in windows_and_flips(reloaded.offsets, reloaded.flips, 5))
-
-
-def test_distinct_views_need_a_bank():
-    with pytest.raises(ValueError, match="distinct views need a teacher bank"):
-        TrainConfig(distinct_views=True).validate()

@@ -139,7 +139,7 @@ def test_resume_reads_a_setting_newer_than_the_state_as_its_default(tiny_bundle,
     with safe_open(str(state), "pt") as handle:
         metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
     info = json.loads(metadata["info"])
-    del info["config"]["kd_standardize"], info["config"]["distinct_views"]
+    del info["config"]["kd_standardize"], info["config"]["mirror_views"]
     save_file(tensors, str(state), metadata={**metadata, "info": json.dumps(info)})
     with pytest.raises(ValueError, match=r"used other settings \(kd_standardize\)"):
         Trainer(student(), tiny_bundle, config(kd_standardize=True), state_path=state).fit()

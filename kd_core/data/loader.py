@@ -37,12 +37,6 @@ class BatchLoader:
         full, rest = divmod(len(self.split), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
     def __iter__(self) -> Iterator[tuple]:
         count = len(self.split)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)

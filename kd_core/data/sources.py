@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_FORMAT = 1
 
@@ -81,16 +83,27 @@ def load_data(source: str, cache_dir: str | os.PathLike | None = None, image_siz
               download: bool = True) -> DataBundle:
     """Load a source (see module docstring) as in-memory tensors, decoding only on the first call."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    if source in ("cifar10", "mnist"):
-        key = f"{source}-{image_size}"
-        return _cached(cache_dir, source, key, lambda: _torchvision(source, cache_dir, download, image_size))
-    if source.startswith("folder:"):
-        path = Path(source[len("folder:"):]).expanduser()
-        if not path.exists():
-            raise DataError(f"data set folder {str(path)!r} does not exist")
-        key = f"folder-{_fingerprint(path)}-{image_size}"
-        return _cached(cache_dir, source, key, lambda: _folder(path, image_size))
-    raise DataError(f"unknown data source {source!r}; use cifar10, mnist or folder:PATH")
+    kind, path = parse_source(source)
+    if path is None:
+        key = f"{kind}-{image_size}"
+        return _cached(cache_dir, source, key, lambda: _torchvision(kind, cache_dir, download, image_size))
+    if not path.exists():
+        raise DataError(f"data set folder {str(path)!r} does not exist")
+    key = f"folder-{_fingerprint(path)}-{image_size}"
+    return _cached(cache_dir, source, key, lambda: _folder(path, image_size))
+
+
+TORCHVISION_SOURCES = ("cifar10", "mnist")
+
+
+def parse_source(source: object) -> tuple[str, Path | None]:
+    """The data-source grammar, in one place: ``cifar10`` / ``mnist`` -> ``(name, None)``;
+    ``folder:PATH`` -> ``("folder", PATH)``; anything else raises :class:`DataError`."""
+    if isinstance(source, str) and source in TORCHVISION_SOURCES:
+        return source, None
+    if isinstance(source, str) and source.startswith("folder:") and len(source) > len("folder:"):
+        return "folder", Path(source[len("folder:"):]).expanduser()
+    raise DataError(f"unknown data source {source!r}; use {', '.join(TORCHVISION_SOURCES)} or folder:PATH")
 
 
 def _cached(cache_dir: Path, source: str, key: str, build) -> DataBundle:
@@ -107,14 +120,12 @@ def _cached(cache_dir: Path, source: str, key: str, build) -> DataBundle:
 
 
 def _write_cache(cache_file: Path, bundle: DataBundle) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"train_images": bundle.train.images.contiguous(), "train_labels": bundle.train.labels,
                "test_images": bundle.test.images.contiguous(), "test_labels": bundle.test.labels}
     meta = {"format": str(CACHE_FORMAT), "classes": json.dumps(bundle.classes),
             "mean": json.dumps(bundle.mean), "std": json.dumps(bundle.std)}
-    temporary = cache_file.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(temporary), metadata=meta)
-    os.replace(temporary, cache_file)
+    with atomic_path(cache_file) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def _read_cache(cache_file: Path, source: str) -> DataBundle:

@@ -6,33 +6,39 @@ in the checkpoints folder and refused when the name would lead outside it.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import models
-from ..checkpoint import SUFFIX, CheckpointError, read_metadata
+from ..experiments import recipes
+from ..checkpoint import NAME, SUFFIX, CheckpointError, checkpoint_file, read_metadata
+from ..data import DataError
+from ..data.sources import parse_source
 from ..losses import LOSSES
-from ..run import method_name
+from ..run import RunSpec, method_name
 from ..training import TrainConfig
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+from ..training.config import with_overrides
 
 
 @dataclass
 class JobSpec:
-    teacher: str                   # checkpoint name in the checkpoints folder
-    student: str                   # model-zoo architecture
-    data: str                      # cifar10 | mnist | folder:PATH
-    weights: dict[str, float] = field(default_factory=lambda: {"ce": 0.25, "kd": 0.75})
-    temperature: float = 4.0
-    epochs: int = 10
-    lr: float = 0.05
-    batch_size: int = 256
-    seed: int = 0
-    limit: int | None = None       # train on a random subset of this many images
-    teacher_views: int = 0         # 0: teacher at every step; N: a teacher bank of N views per image
+    """A job: a recipe (or none) and the settings that override it. Settings left ``None`` are the
+    recipe's; with no recipe, ``TrainConfig``'s defaults and
+    :data:`kd_core.experiments.recipes.DISTILL_WEIGHTS` (:func:`base_recipe`)."""
+
+    teacher: str | None = None     # checkpoint name in the checkpoints folder; default: the recipe's teacher
+    student: str | None = None     # model-zoo architecture; default: the recipe's
+    data: str | None = None        # cifar10 | mnist | folder:PATH, one of the offered sources
+    recipe: str | None = None      # a distillation recipe to start from
+    weights: dict[str, float] | None = None
+    temperature: float | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    limit: int | None = None       # train on a random subset of this many images (None: all)
+    teacher_views: int | None = None  # 0: teacher at every step; N: a teacher bank of N views per image
     name: str | None = None        # checkpoint name; default <student>-<terms>, made unique
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,10 +50,63 @@ class JobSpec:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown job settings: {', '.join(unknown)}")
-        missing = sorted(name for name in ("teacher", "student", "data") if values.get(name) in (None, ""))
+        values = {key: (None if value == "" else value) for key, value in values.items()}
+        required = ("data",) if values.get("recipe") else ("teacher", "student", "data")
+        missing = sorted(name for name in required if values.get(name) is None)
         if missing:
             raise ValueError(f"{', '.join(missing)}: required")
         return cls(**values)
+
+
+# the job settings a form offers, and the TrainConfig setting each one overrides
+SETTINGS = {"weights": "loss_weights", "temperature": "temperature", "epochs": "epochs", "lr": "lr",
+            "batch_size": "batch_size", "seed": "seed", "limit": "limit", "teacher_views": "teacher_views"}
+# What one job may ask of a shared machine (the recipes stay well inside: 130 epochs, 16 views).
+MAX_EPOCHS = 300
+MAX_TEACHER_VIEWS = 32
+MAX_BATCH_SIZE = 4096
+MAX_LR = 10.0
+MAX_TEMPERATURE = 100.0
+MAX_LIMIT = 10_000_000
+
+
+def distillation_recipes() -> list[str]:
+    return [name for name in recipes.names() if recipes.get(name).teacher]
+
+
+def base_recipe(spec: JobSpec) -> recipes.Recipe:
+    """The recipe a job starts from: the named one, or the base of a run that names none."""
+    if spec.recipe is None:
+        return recipes.Recipe.custom(spec.student or "camnet", distill=True)
+    if not isinstance(spec.recipe, str) or spec.recipe not in distillation_recipes():
+        raise ValueError(f"recipe: {spec.recipe!r} is not a distillation recipe; choose one of "
+                         f"{', '.join(distillation_recipes())}")
+    return recipes.get(spec.recipe)
+
+
+def overrides(spec: JobSpec) -> dict[str, Any]:
+    return {setting: getattr(spec, key) for key, setting in SETTINGS.items() if getattr(spec, key) is not None}
+
+
+def train_config(spec: JobSpec) -> TrainConfig:
+    """The training settings of a job: its recipe's, with the job's own values over them."""
+    return with_overrides(base_recipe(spec).config, overrides(spec))
+
+
+def form_values(recipe: str | None) -> dict[str, Any]:
+    """What a job form shows for ``recipe`` (None: no recipe): every offered setting, from the very
+    configuration the CLI's ``distill --recipe`` trains with."""
+    spec = JobSpec(recipe=recipe)
+    base, config = base_recipe(spec), train_config(spec)
+    values = {key: getattr(config, setting) for key, setting in SETTINGS.items()}
+    return {**values, "weights": dict(config.loss_weights), "teacher": base.teacher, "student": base.arch}
+
+
+def run_spec(spec: JobSpec, name: str, checkpoints_dir: Path, state_path: Path) -> RunSpec:
+    """What :func:`kd_core.run.run` trains for a (validated) job: its recipe's ``run_spec``."""
+    return base_recipe(spec).run_spec(overrides(spec), arch=spec.student, teacher=teacher_path(spec.teacher, checkpoints_dir),
+                                      data=spec.data, name=name, output=checkpoints_dir / f"{name}{SUFFIX}",
+                                      state_path=state_path)
 
 
 def _whole(name: str, value: Any, minimum: int) -> int:
@@ -82,17 +141,8 @@ def _weights(weights: Any) -> dict[str, float]:
 
 def teacher_path(name: Any, checkpoints_dir: Path) -> Path:
     """The checkpoint file called ``name`` inside ``checkpoints_dir``; ``ValueError`` for anything else."""
-    stem = name.removesuffix(SUFFIX) if isinstance(name, str) else ""
-    if not NAME.fullmatch(stem):
-        raise ValueError(f"teacher: {name!r} is not a checkpoint name (letters, digits, '.', '_', '-'; no folders)")
-    root = checkpoints_dir.resolve()
-    path = (root / f"{stem}{SUFFIX}").resolve()
-    if path.parent != root:
-        raise ValueError(f"teacher: {name!r} leads outside the checkpoints folder")
-    if not path.is_file():
-        available = ", ".join(file.stem for file in sorted(root.glob(f"*{SUFFIX}"))) or "none"
-        raise ValueError(f"teacher: no checkpoint {stem!r} in {root} (available: {available})")
     try:
+        path = checkpoint_file(name, checkpoints_dir)
         read_metadata(path)
     except CheckpointError as error:
         raise ValueError(f"teacher: {error}") from None
@@ -104,41 +154,55 @@ def _check_data(source: Any, offered: Sequence[str] | None) -> str:
         raise ValueError(f"data must be a source name, got {source!r}")
     if offered is not None and source not in offered:
         raise ValueError(f"data: {source!r} is not one of the offered data sets ({', '.join(offered)})")
-    if source in ("cifar10", "mnist"):
-        return source
-    if source.startswith("folder:"):
-        path = Path(source[len("folder:"):]).expanduser()
-        if not path.exists():
-            raise ValueError(f"data: {str(path)!r} does not exist")
-        return source
-    raise ValueError(f"data: unknown source {source!r}; use cifar10, mnist or folder:PATH")
+    try:
+        _, path = parse_source(source)
+    except DataError as error:
+        raise ValueError(f"data: {error}") from None
+    if path is not None and not path.exists():
+        raise ValueError(f"data: {str(path)!r} does not exist")
+    return source
+
+
+def _at_most(name: str, value: Any, maximum: float) -> Any:
+    if value is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g} on this server, got {value!r}")
+    return value
 
 
 def validate_spec(spec: JobSpec, checkpoints_dir: Path, data_sources: Sequence[str] | None = None) -> JobSpec:
-    """The spec with numbers normalized, or ``ValueError`` whose message starts with the field."""
-    if not isinstance(spec.student, str) or spec.student not in models.MODELS:
-        raise ValueError(f"student: unknown architecture {spec.student!r}; choose one of "
+    """The spec with its recipe's values filled in and numbers normalized, or ``ValueError`` whose
+    message starts with the field."""
+    base = base_recipe(spec)
+    student = spec.student if spec.student is not None else base.arch
+    teacher = spec.teacher if spec.teacher is not None else base.teacher
+    if not isinstance(student, str) or student not in models.MODELS:
+        raise ValueError(f"student: unknown architecture {student!r}; choose one of "
                          f"{', '.join(models.list_models())}")
     if spec.name is not None and not (isinstance(spec.name, str) and NAME.fullmatch(spec.name)):
         raise ValueError(f"name: {spec.name!r} is not a checkpoint name (letters, digits, '.', '_', '-')")
-    teacher_path(spec.teacher, checkpoints_dir)
+    teacher_path(teacher, checkpoints_dir)
+
+    def given(key, check):
+        return None if getattr(spec, key) is None else check(getattr(spec, key))
+
     checked = JobSpec(
-        teacher=spec.teacher.removesuffix(SUFFIX), student=spec.student,
-        data=_check_data(spec.data, data_sources), weights=_weights(spec.weights),
-        temperature=_positive("temperature", spec.temperature), epochs=_whole("epochs", spec.epochs, 1),
-        lr=_positive("lr", spec.lr), batch_size=_whole("batch_size", spec.batch_size, 1),
-        seed=_whole("seed", spec.seed, 0), limit=None if spec.limit is None else _whole("limit", spec.limit, 1),
-        teacher_views=_whole("teacher_views", spec.teacher_views, 0), name=spec.name)
-    train_config(checked).validate()
+        teacher=teacher.removesuffix(SUFFIX), student=student, data=_check_data(spec.data, data_sources),
+        recipe=spec.recipe, weights=given("weights", _weights),
+        temperature=_at_most("temperature", given("temperature", lambda v: _positive("temperature", v)), MAX_TEMPERATURE),
+        epochs=_at_most("epochs", given("epochs", lambda v: _whole("epochs", v, 1)), MAX_EPOCHS),
+        lr=_at_most("lr", given("lr", lambda v: _positive("lr", v)), MAX_LR),
+        batch_size=_at_most("batch_size", given("batch_size", lambda v: _whole("batch_size", v, 1)), MAX_BATCH_SIZE),
+        seed=given("seed", lambda v: _whole("seed", v, 0)),
+        limit=_at_most("limit", given("limit", lambda v: _whole("limit", v, 1)), MAX_LIMIT),
+        teacher_views=_at_most("teacher_views", given("teacher_views", lambda v: _whole("teacher_views", v, 0)),
+                               MAX_TEACHER_VIEWS),
+        name=spec.name)
+    config = train_config(checked).validate()
+    for key, setting in SETTINGS.items():  # the stored job says everything it trains with
+        if getattr(checked, key) is None and key != "limit":
+            setattr(checked, key, getattr(config, setting))
+    checked.weights = {term: weight for term, weight in checked.weights.items() if weight > 0}
     return checked
-
-
-def train_config(spec: JobSpec) -> TrainConfig:
-    """The training settings of a job: the spec's values over ``TrainConfig``'s defaults (SGD with
-    Nesterov momentum, cosine schedule, crop and flip augmentation, test evaluation every epoch)."""
-    return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, limit=spec.limit,
-                       loss_weights=dict(spec.weights), temperature=spec.temperature,
-                       teacher_views=spec.teacher_views)
 
 
 def default_name(spec: JobSpec) -> str:

@@ -18,10 +18,10 @@ import time
 import traceback
 from pathlib import Path
 
-from ..allocator import reuse_freed_memory
+from ..runtime import reuse_freed_memory
 from ..run import RunSpec, run
 from ..training import Callback, EpochInfo, StepInfo, Trainer
-from .spec import JobSpec, teacher_path, train_config
+from .spec import JobSpec, run_spec
 from .store import JobStore
 
 POINTS_PER_EPOCH = 50     # loss-curve resolution
@@ -90,11 +90,8 @@ class JobReporter(Callback):
 
 def build_run_spec(job: dict, store: JobStore, checkpoints_dir: Path) -> RunSpec:
     """What :func:`kd_core.run.run` needs for ``job``; the same every time, so a rerun resumes."""
-    spec = JobSpec.from_dict(job["spec"])
-    return RunSpec(arch=spec.student, data=spec.data, config=train_config(spec),
-                   output=checkpoints_dir / f"{job['name']}.safetensors",
-                   teacher=teacher_path(spec.teacher, checkpoints_dir), name=job["name"], role="student",
-                   state_path=store.run_dir(job["id"]) / "resume.safetensors")
+    return run_spec(JobSpec.from_dict(job["spec"]), job["name"], checkpoints_dir,
+                    store.run_dir(job["id"]) / "resume.safetensors")
 
 
 def one_line(error: BaseException) -> str:

@@ -36,16 +36,6 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None: ...
 
 
-class History(Callback):
-    """Keeps every epoch's metrics (the tests and the checkpoint read them)."""
-
-    def __init__(self) -> None:
-        self.epochs: list[EpochInfo] = []
-
-    def on_epoch_end(self, trainer: "Trainer", info: EpochInfo) -> None:
-        self.epochs.append(info)
-
-
 class TqdmProgress(Callback):
     """One progress bar per epoch on stderr, with the running loss and lr; a summary line per epoch
     on ``stream`` (standard output unless given)."""

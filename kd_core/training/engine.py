@@ -6,9 +6,8 @@ import contextlib
 import copy
 import json
 import math
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -19,37 +18,13 @@ from ..data import BatchLoader, DataBundle
 from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
 from ..models import Classifier
+from ..runtime import autocast_dtype, resolve_device, seed_everything
 from .callbacks import Callback, EpochInfo, StepInfo
-from .config import TrainConfig, complete_config
+from .config import TrainConfig, changed_settings
 from .schedule import lr_factor
 from .state import load_state, read_state_info, save_state
 from .teacher_bank import (BankLoader, TeacherTargets, bank_key, build_bank, check_augment, check_feature_size,
                            load_or_build_bank)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return device
-
-
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """fp16 on CUDA; bf16 on CPUs with native bf16 (AVX-512 BF16 / AMX), where it is ~2x faster."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def freeze(teacher: Classifier) -> Classifier:
@@ -70,7 +45,6 @@ class TrainResult:
     bank_seconds: float = 0.0             # building the teacher bank, in this run or, when reused, the run that
                                           # cached it (0: no bank, or a cached one without that record)
     bank_reused: bool = False             # the bank came from the cache
-    extra: dict = field(default_factory=dict)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,14 +120,14 @@ class Trainer:
         # feature maps only for terms that read them: they make a bank many times larger
         features = bool(self.objective.needs_teacher_features)
         key = bank_key(self.teacher_sha256, self.train_split, config.augment, config.teacher_views,
-                       cam_target, config.seed, features, distinct=config.distinct_views)
+                       cam_target, config.seed, features)
 
         def build():
             return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, features=features,
                               device=self.device, channels_last=config.channels_last, autocast=self._autocast,
                               progress=lambda done, total: self._emit("on_bank_progress", done, total),
-                              should_stop=lambda: self.stop_requested, distinct=config.distinct_views)
+                              should_stop=lambda: self.stop_requested)
 
         bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
         if bank is None:
@@ -195,9 +169,7 @@ class Trainer:
         if self.state_path is None or not self.state_path.exists():
             return False
         saved = read_state_info(self.state_path)
-        saved_config = complete_config(saved["config"])  # a setting added since: its default
-        current = json.loads(json.dumps(self.config.to_dict()))
-        changed = sorted(key for key in current if key != "device" and saved_config.get(key) != current[key])
+        changed = sorted(changed_settings(saved["config"], self.config.to_json()))  # newer settings: defaults
         if saved.get("teacher_sha256", self.teacher_sha256) != self.teacher_sha256:
             changed.append("teacher weights")  # e.g. the teacher checkpoint was retrained since
         if changed:
@@ -293,7 +265,7 @@ class Trainer:
                 lr = self._set_lr()
                 losses, logits = self._train_step(images, labels, *banked)
                 self.global_step += 1
-                if self.ema is not None and self.global_step % self.config.ema_every == 0:
+                if self.ema is not None:
                     self._update_ema()
                 values = {name: value.item() for name, value in losses.items()}
                 for name, value in values.items():

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import atomic_path
+
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
@@ -45,10 +47,8 @@ def save_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch
     tensors.update(optimizer_tensors)
     tensors.update({f"rng/{name}": value.cpu() for name, value in rng.items()})
     metadata = {"info": json.dumps(info), "optimizer": json.dumps(optimizer_meta)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def load_state(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..cam import class_activation_map
+from ..files import atomic_path
 from ..data import AugmentConfig, BatchLoader, normalize
 from ..data.augment import crop, crop_offsets, flip_draws, flip_where
 from ..data.sources import Split
@@ -106,10 +107,10 @@ def check_augment(augment: AugmentConfig | None) -> AugmentConfig:
 
 
 def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: int, cam_target: str | None,
-             seed: int, features: bool = False, distinct: bool = False) -> str:
+             seed: int, features: bool = False) -> str:
     digest = hashlib.sha256()
     fields = [BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views, cam_target, seed]
-    fields += (["features"] if features else []) + (["distinct"] if distinct else [])  # older keys unchanged
+    fields += ["features"] if features else []  # older keys unchanged
     digest.update(json.dumps(fields).encode())
     digest.update(split.images.contiguous().numpy().tobytes())
     digest.update(split.labels.contiguous().numpy().tobytes())
@@ -121,9 +122,9 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
                augment: AugmentConfig, views: int, cam_target: str | None = None, seed: int = 0,
                features: bool = False, batch_size: int = 500, device: torch.device | str = "cpu", channels_last: bool = False,
                autocast: Callable | None = None, progress: Callable[[int, int], None] | None = None,
-               should_stop: Callable[[], bool] | None = None, distinct: bool = False) -> TeacherBank | None:
-    """Run the frozen ``teacher`` on ``views`` random views of every image of ``split``: independent
-    crop and flip draws, or with ``distinct`` :func:`distinct_draws`.
+               should_stop: Callable[[], bool] | None = None) -> TeacherBank | None:
+    """Run the frozen ``teacher`` on ``views`` random views (independent crop and flip draws) of
+    every image of ``split``.
 
     ``cam_target``: ``'teacher'`` (maps for the teacher's predicted class), ``'label'``, or None (no
     maps). ``features``: keep the teacher's feature maps too (refused beyond ``MAX_FEATURE_BYTES``).
@@ -139,13 +140,10 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
     if features:
         check_feature_size(teacher, split, views)
     padding = augment.crop_padding
-    if distinct:
-        offsets, flips = distinct_draws(count, padding, augment.flip, views, generator)
-    else:
-        offsets = torch.stack([crop_offsets(count, padding, generator) if padding else torch.zeros(2, count, dtype=torch.long)
-                               for _ in range(views)]).to(torch.uint8)                  # (V, 2, N)
-        flips = torch.stack([flip_draws(count, generator) if augment.flip else torch.zeros(count, dtype=torch.bool)
-                             for _ in range(views)])                                     # (V, N)
+    offsets = torch.stack([crop_offsets(count, padding, generator) if padding else torch.zeros(2, count, dtype=torch.long)
+                           for _ in range(views)]).to(torch.uint8)                      # (V, 2, N)
+    flips = torch.stack([flip_draws(count, generator) if augment.flip else torch.zeros(count, dtype=torch.bool)
+                         for _ in range(views)])                                         # (V, N)
     bank = TeacherBank(padding, offsets, flips, torch.empty(0), None)
     logits, cams, maps = [], [], []
     batches = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
@@ -179,30 +177,6 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
         stacked = torch.cat(maps)
         bank.features = stacked.view(views, count, *stacked.shape[1:])
     return bank
-
-
-def distinct_draws(count: int, padding: int, flip: bool, views: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(V, 2, N)`` uint8 window offsets and ``(V, N)`` flips in which each image's views take
-    distinct crop windows, every one of the ``(2 * padding + 1) ** 2`` before any repeats (each round
-    in a random order), and a window's repeat shows the other orientation than its first showing.
-
-    Independent draws repeat: 16 of 25 windows drawn at random cover about 12 of them, so with
-    mirrored views (each window in both orientations) a bank of 16 shows about 24 distinct images
-    where these draws show 32."""
-    side = 2 * padding + 1
-    windows = side * side
-    rounds = -(-views // windows)
-    order = torch.cat([torch.rand(count, windows, generator=generator).argsort(1) for _ in range(rounds)],
-                      dim=1)[:, :views]                                                # (N, V) window indices
-    if flip:
-        first = flip_draws(count * windows, generator).view(count, windows)       # each window's first orientation
-        repeat = (torch.arange(views) // windows) % 2 == 1                        # rounds 2, 4, ... show the other
-        flips = first.gather(1, order) ^ repeat
-    else:
-        flips = torch.zeros(count, views, dtype=torch.bool)
-    offsets = torch.stack([order // side, order % side])                           # (2, N, V)
-    return offsets.permute(2, 0, 1).to(torch.uint8).contiguous(), flips.T.contiguous()
 
 
 def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
@@ -239,11 +213,9 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
     if bank is not None:
         bank.build_seconds = time.perf_counter() - started
     if bank is not None and path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(bank.tensors(), str(temporary),
-                  metadata={"version": str(BANK_VERSION), "build_seconds": f"{bank.build_seconds:.3f}"})
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file(bank.tensors(), str(temporary),
+                      metadata={"version": str(BANK_VERSION), "build_seconds": f"{bank.build_seconds:.3f}"})
     return bank
 
 

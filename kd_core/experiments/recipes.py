@@ -1,19 +1,29 @@
-"""Named recipes: the exact settings that produce each shipped checkpoint, as plain Python values.
+"""Named recipes: the exact settings that produce each shipped checkpoint, as plain Python values,
+and :meth:`Recipe.run_spec`, the one way from a recipe to a run.
 
-``python -m kd_core train --recipe NAME`` (or ``distill --recipe NAME``) runs one; command-line
-options given alongside override single fields (``--epochs 1 --limit 2000`` for a smoke test).
+The CLI (``train/distill --recipe NAME``), the study runner and the dashboard's jobs all call
+``run_spec``; settings given alongside a recipe override single fields of its ``TrainConfig``
+(``--epochs 1 --limit 2000``, or any field with ``--set name=value``). How each recipe was found,
+and what was tried and did not pay: ``docs/experiments.md``.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
-from .data import AugmentConfig
-from .registry import Registry
-from .training import TrainConfig, complete_config
+from ..data import AugmentConfig
+from ..registry import Registry
+from ..run import RunSpec
+from ..training import TrainConfig, complete_config
+from ..training.config import changed_settings, with_overrides
 
 CIFAR10_JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
+CHECKPOINTS = Path("checkpoints")
+RUNS = Path("runs")
+# The objective of a distillation given no weights and no recipe: the PyTorch KD tutorial's mix.
+DISTILL_WEIGHTS = {"ce": 0.25, "kd": 0.75}
 
 
 @dataclass(frozen=True)
@@ -28,11 +38,48 @@ class Recipe:
     arch_args: dict[str, Any] = field(default_factory=dict)
     published: str | None = None   # the source project's number for this row (original CIFAR-10)
     weights_dtype: str = "float32" # how the checkpoint stores parameters (float16 halves the file)
+    named: bool = True             # False: an ad-hoc run (:meth:`custom`), recorded without a recipe name
+
+    @classmethod
+    def custom(cls, arch: str, distill: bool, data: str = "cifar10") -> "Recipe":
+        """The base of a run that names no recipe: ``TrainConfig``'s defaults, and for a
+        distillation :data:`DISTILL_WEIGHTS`."""
+        config = TrainConfig(loss_weights=dict(DISTILL_WEIGHTS)) if distill else TrainConfig()
+        return cls(arch, arch, "student" if distill else "teacher", config, "", data=data, named=False)
 
     @property
     def command(self) -> str:
         verb = "distill" if self.teacher else "train"
         return f"python -m kd_core {verb} --recipe {self.name}"
+
+    def run_spec(self, overrides: Mapping[str, Any] | None = None, *, arch: str | None = None,
+                 teacher: Path | None = None, data: str | None = None, name: str | None = None,
+                 output: Path | None = None, state_path: Path | None = None, cache_dir: Path | None = None,
+                 weights_dtype: str | None = None, checkpoints_dir: Path = CHECKPOINTS,
+                 runs_dir: Path = RUNS) -> RunSpec:
+        """The run this recipe makes, with ``overrides`` (setting -> value, see
+        :func:`kd_core.training.config.with_overrides`) applied to its configuration.
+
+        ``arch`` other than the recipe's trains that architecture with the recipe's settings (and
+        none of its architecture arguments). The teacher defaults to the recipe's checkpoint in
+        ``checkpoints_dir`` when the objective has a term that reads one, else none.
+        """
+        own_arch = arch in (None, self.arch)
+        arch = arch or self.arch
+        config = with_overrides(self.config, overrides or {}).validate()
+        if teacher is None and self.teacher and set(active_terms(config.loss_weights)) - {"ce"}:
+            teacher = checkpoints_dir / f"{self.teacher}.safetensors"
+        name = name or (self.name if own_arch else arch)
+        return RunSpec(arch=arch, data=data or self.data, config=config,
+                       output=output or checkpoints_dir / f"{name}.safetensors", teacher=teacher, name=name,
+                       role=self.role if own_arch else ("student" if teacher else "teacher"),
+                       recipe=self.name if self.named else None, arch_args=dict(self.arch_args) if own_arch else {},
+                       state_path=state_path or runs_dir / name / "resume.safetensors", cache_dir=cache_dir,
+                       weights_dtype=weights_dtype or (self.weights_dtype if own_arch else "float32"))
+
+
+def active_terms(weights: Mapping[str, float]) -> list[str]:
+    return [term for term, weight in weights.items() if weight > 0]
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -60,39 +107,22 @@ def trained_architecture(meta: dict[str, Any]) -> tuple[str | None, dict[str, An
     return trained.get("arch"), {k: v for k, v in trained.get("arch_args", {}).items() if k not in _DATA_DERIVED}
 
 
-_FLAGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "seed",
-          "limit", "temperature")
-_SWITCHES = ("mirror_views", "distinct_views", "kd_standardize")  # boolean settings: --name / --no-name
-
-
 def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's training settings as JSON values, a setting newer than the checkpoint read as
     the default it was trained with."""
     return complete_config(meta.get("config", {}))
 
 
-def reproduce_command(meta: dict[str, Any]) -> str | None:
-    """The CLI command that retrains a checkpoint from its metadata: its recipe's command plus a
-    flag for every setting that differs from the recipe (None when no recipe made it)."""
+def differences(meta: dict[str, Any]) -> tuple[Recipe, dict[str, Any], bool] | None:
+    """How a checkpoint's run differs from the recipe that made it: the recipe, the settings that
+    differ (with the checkpoint's values) and whether the architecture arguments do; None when no
+    (known) recipe made it."""
     name = meta.get("recipe")
     if not name or name not in RECIPES:
         return None
     recipe = get(name)
-    current = json.loads(json.dumps(recipe.config.to_dict()))
-    saved = saved_config(meta)
-    differing = [key for key in current if key != "device" and saved[key] != current[key]]
-    command = recipe.command
-    flags = [f"--{key.replace('_', '-')} {saved[key]:g}" if isinstance(saved[key], float) else
-             f"--{key.replace('_', '-')} {saved[key]}" for key in differing if key in _FLAGS]
-    flags += [f"--{'' if saved[key] else 'no-'}{key.replace('_', '-')}" for key in differing if key in _SWITCHES]
-    others = [key for key in differing if key not in _FLAGS + _SWITCHES]
-    if trained_architecture(meta)[1] != json.loads(json.dumps(recipe.arch_args)):
-        others.append("arch_args")
-    if flags:
-        command += " " + " ".join(flags)
-    if others:
-        command += f" (and settings that differ in {', '.join(others)})"
-    return command
+    arch_args_differ = trained_architecture(meta)[1] != json.loads(json.dumps(recipe.arch_args))
+    return recipe, changed_settings(saved_config(meta), recipe.config.to_json()), arch_args_differ
 
 
 # airbench's optimizer in mean-loss units at batch 512: SGD-Nesterov, momentum 0.85, lr 0.65 for

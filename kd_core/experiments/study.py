@@ -22,9 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .checkpoint import load_checkpoint, read_metadata, weights_sha256, write_atomically
+from ..checkpoint import load_checkpoint, read_metadata, weights_sha256
+from ..files import write_atomically
+from ..training import Callback, TrainConfig
+from ..training.config import changed_settings
 from .recipes import Recipe, saved_config, trained_architecture
-from .training import Callback, TrainConfig
 
 KINDS = ("ablation", "temperature", "seeds")
 
@@ -147,7 +149,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
 
     ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
     come, so a study stopped halfway leaves a table of what it has."""
-    from .run import RunSpec, run
+    from ..run import run
 
     seeds = list(seeds)
     reuse = [Path(path) for path in reuse]
@@ -182,7 +184,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             run_config = replace(variant.config, seed=seed)
             distils = bool(set(run_config.loss_weights) - {"ce"})
             run_teacher = teacher_sha256 if distils else None
-            wanted = json.loads(json.dumps(run_config.to_dict()))
+            wanted = run_config.to_json()
             done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
             if done and saved_config(done[0]) != wanted:
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
@@ -203,10 +205,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
                     f"{meta['metrics']['test_top1']:.2f}%")
                 continue
-            spec = RunSpec(arch=recipe.arch, data=data, config=run_config, output=folder / f"{name}.safetensors",
-                           teacher=Path(teacher) if distils else None, name=name, role="student",
-                           recipe=recipe.name, arch_args=dict(recipe.arch_args),
-                           state_path=folder / name / "resume.safetensors", cache_dir=cache_dir)
+            spec = recipe.run_spec({**changed_settings(wanted, recipe.config.to_json()), "device": run_config.device},
+                                   teacher=Path(teacher) if distils else None, data=data, name=name,
+                                   output=folder / f"{name}.safetensors",
+                                   state_path=folder / name / "resume.safetensors", cache_dir=cache_dir)
             log(f"{kind}: {variant.label}, seed {seed}")
             result, path = run(spec, callbacks=callbacks())
             if path is None:

@@ -1,4 +1,4 @@
-"""Model comparison for the dashboard's Models tab: a table of every checkpoint, accuracy/cost
+"""The Models tab's figures and tables: a table of every checkpoint, accuracy/cost
 charts, per-class accuracy, the confusion matrix and the images a student gets wrong where its
 teacher is right. Figures are plotly; numbers come from checkpoint metadata."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import plotly.graph_objects as go
 import torch
 from safetensors import safe_open
 
-from .checkpoint import LoadedCheckpoint, list_checkpoints
-from .evaluation import predict
+from ..checkpoint import LoadedCheckpoint, list_checkpoints
+from ..evaluation import student_mistakes as find_student_mistakes
 
 TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)", "method",
                  "teacher", "train (min)", "CPU latency b1 (ms)"]
@@ -100,13 +100,11 @@ def load_sample(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
 def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, images: torch.Tensor,
                      labels: torch.Tensor, classes: list[str],
                      limit: int = 24) -> tuple[list[tuple[np.ndarray, str]], int]:
-    """Images the teacher classifies correctly and the student does not: the first ``limit`` with
-    captions, and how many there are in all."""
+    """A gallery of the images the teacher classifies correctly and the student does not: the
+    first ``limit``, enlarged, with captions, and how many there are in all."""
     if student.classes != classes or teacher.classes != classes:
         return [], 0
-    student_predictions = predict(student.model, images, student.mean, student.std).argmax(1)
-    teacher_predictions = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1)
-    chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:, 0]
+    chosen, student_predictions = find_student_mistakes(student, teacher, images, labels)
     gallery = []
     for index in chosen[:limit].tolist():
         picture = images[index].permute(1, 2, 0).numpy()  # (H, W, C)

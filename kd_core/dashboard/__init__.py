@@ -1,0 +1,1 @@
+"""The dashboard's figures and tables, one module per tab (``app.py`` lays them out)."""

@@ -1,0 +1,99 @@
+"""CAM methods for people: the grad-cam package's heatmaps over a checkpoint's CAM layer.
+
+A method is a registry entry (:data:`CAM_METHODS`); :func:`compute_cam` runs one on a model and
+:func:`overlay_heatmap` draws its map over the uploaded picture. The grad-cam package hooks the
+target layer, calls ``model.eval()`` and ``model.zero_grad()`` and returns NumPy, so it only runs on
+private, frozen copies of checkpoints (:class:`kd_core.explain.cache.ModelCache`), never on a model
+being trained. The differentiable CAMs that train students are in :mod:`kd_core.cam`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from ..models.base import SingleView
+from ..registry import Registry
+
+CAM_METHODS: Registry[BaseCAM] = Registry("CAM method")
+CAM_METHODS.register("gradcam")(GradCAM)
+CAM_METHODS.register("gradcam++")(GradCAMPlusPlus)
+CAM_METHODS.register("hirescam")(HiResCAM)
+CAM_METHODS.register("layercam")(LayerCAM)
+CAM_METHODS.register("eigencam")(EigenCAM)
+
+SCORECAM_BATCH_SIZE = 32
+
+
+@CAM_METHODS.register("scorecam")
+def _score_cam(model: nn.Module, target_layers: list[nn.Module]) -> ScoreCAM:
+    """Score-CAM runs the model once more per channel of the target layer (airnet: 256 channels,
+    8 batches of 32), so it is one to two orders of magnitude slower than Grad-CAM. The package
+    draws a tqdm bar on stderr for it; set TQDM_DISABLE=1 before start-up to silence it."""
+    cam = ScoreCAM(model, target_layers)
+    cam.batch_size = SCORECAM_BATCH_SIZE
+    return cam
+
+
+def cam_methods() -> list[str]:
+    return CAM_METHODS.names()
+
+
+def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gradcam",
+                target: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits ``(K,)`` and the map ``(H, W)`` (float32 in [0, 1], the input's resolution) of
+    ``input_tensor`` ``(1, C, H, W)`` for class ``target`` (None: the predicted class), both from one
+    pass (``forward_head(forward_features(x))``, no test-time augmentation)."""
+    targets = None if target is None else [ClassifierOutputTarget(target)]
+    with model_lock(model), _cam(method, SingleView(model)) as cam:
+        if cam.uses_gradients:
+            # The gradient flows from the input, so the target layer gets one even though the
+            # cached copies' weights are frozen (and no weight gradients are computed).
+            maps = cam(input_tensor.detach().clone().requires_grad_(True), targets)
+        else:
+            with torch.no_grad():
+                maps = cam(input_tensor, targets)
+        logits = cam.outputs.detach()[0]
+    if any(parameter.grad is not None for parameter in model.parameters()):
+        model.zero_grad(set_to_none=True)  # a model with trainable weights got weight gradients
+    return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
+
+
+def overlay_heatmap(image: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """The map ``(H, W)`` in [0, 1] upsampled (bilinear) to ``image`` ``(h, w, 3)`` uint8, coloured
+    with the jet colour map and blended: ``opacity * heat + (1 - opacity) * image``."""
+    height, width = image.shape[:2]
+    heat = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    levels = np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
+    colours = cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(colours, opacity, np.ascontiguousarray(image), 1.0 - opacity, 0.0)
+
+
+@contextlib.contextmanager
+def _cam(method: str, model: nn.Module) -> Iterator[BaseCAM]:
+    cam = CAM_METHODS.create(method, model=model, target_layers=[model.cam_module()])
+    try:
+        yield cam
+    finally:
+        # What ``with cam:`` does, minus BaseCAM.__exit__ swallowing IndexError (it prints it and
+        # returns True), which would turn a bug into a missing result.
+        cam.activations_and_grads.release()
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    """One lock per model: hooks of two CAM objects on one model would see each other's passes."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())

@@ -1,0 +1,67 @@
+"""Where and how a process computes: the device, mixed precision, seeds, and the allocator setting
+of training processes.
+
+Allocator: glibc serves every block larger than its mmap threshold (at most 32 MB) with a fresh
+``mmap`` and unmaps it when freed. A CPU training step allocates and frees the same large
+activations every step, so each step faults hundreds of megabytes of new zeroed pages in from the
+kernel. With mmap and trimming off (:func:`reuse_freed_memory`), freed blocks stay in the heap and
+are reused: a cross-entropy step of the camnet-kd-cam recipe's student (batch 256, 2 threads) took
+157 ms against 342 ms (docs/experiments.md, "Speed: memory allocation"; ``python -m kd_core.bench distill
+... --system-malloc`` measures glibc's default). The cost: the process keeps its peak memory until
+it exits, which a training process reaches every step anyway. Training entry points (the CLI's
+train, distill and study, the job worker, the distill benchmark) call it once at start;
+``KD_CORE_MALLOC=system`` leaves malloc as it is.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import random
+
+import torch
+
+M_TRIM_THRESHOLD = -1       # mallopt parameters, from glibc's malloc.h
+M_MMAP_MAX = -4
+NEVER_TRIM = 2**31 - 1      # an int: hand memory back only above 2 GB of free heap top
+
+
+def reuse_freed_memory() -> bool:
+    """Tell glibc's malloc to serve large blocks from the heap and keep freed ones; whether it did
+    (False off glibc, or when ``KD_CORE_MALLOC=system``). Process-wide; call it before training."""
+    if os.environ.get("KD_CORE_MALLOC", "").lower() == "system":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cuda`` without a GPU is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """fp16 on CUDA; bf16 on CPUs with native bf16 (AVX-512 BF16 / AMX), where it is ~2x faster."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

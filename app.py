@@ -8,6 +8,11 @@ The interface only; the work is in kd_core. ``demo`` is built at import and noth
 - ``KD_DATA_SOURCES``: comma-separated data sources the Distill tab offers (default: the CIFAR-10
   copy in ``../shared/data`` when present, and ``cifar10``);
 - ``KD_MAX_JOBS``: distillation jobs running at once (default 1; further launches queue);
+- ``KD_MAX_QUEUED_JOBS`` (default 8) / ``KD_MAX_JOBS_PER_CLIENT`` (default 2): jobs queued or running
+  in all and per browser or API session; a job is cancelled or resumed only by the session that
+  launched it, unless ``KD_SHARED_JOBS=1`` (a private server: everyone may, no per-client cap);
+- ``KD_JOB_RETENTION_HOURS`` (default 72; 0 keeps everything): finished jobs older than this lose
+  their checkpoint and files, and teacher banks unused for as long are deleted;
 - ``KD_APP_THREADS``: torch and BLAS threads for explaining (default 1: lowest latency beside a job);
 - ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to serve (default 127.0.0.1:7860).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -37,6 +43,7 @@ ROOT = Path(__file__).resolve().parent
 CHECKPOINTS = Path(os.environ.get("KD_CHECKPOINTS", ROOT / "checkpoints")).resolve()
 RUNS = Path(os.environ.get("KD_RUNS", ROOT / "runs")).resolve()
 ASSETS = ROOT / "assets"
+SAMPLE = ASSETS / "cifar10-test-sample.safetensors"  # the Models tab's mistakes come from these images
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 MAX_STUDENTS = 3
 SCHEDULER_SECONDS = 2.0
@@ -59,14 +66,19 @@ def _data_sources() -> list[str]:
 
 
 DATA_SOURCES = _data_sources()
+# KD_SHARED_JOBS=1: a private server whose users all may cancel and resume every job, with no per-client cap
+SHARED_JOBS = os.environ.get("KD_SHARED_JOBS", "") == "1"
 model_cache = ModelCache(CHECKPOINTS)
 
 
 @functools.cache
 def job_manager() -> JobManager:
     """Made on first use, so importing this module creates no folder and starts no process."""
+    retention = float(os.environ.get("KD_JOB_RETENTION_HOURS", "72"))
     return JobManager(RUNS, CHECKPOINTS, max_concurrent=int(os.environ.get("KD_MAX_JOBS", "1")),
-                      data_sources=DATA_SOURCES)
+                      data_sources=DATA_SOURCES, max_active=int(os.environ.get("KD_MAX_QUEUED_JOBS", "8")),
+                      max_active_per_owner=None if SHARED_JOBS else int(os.environ.get("KD_MAX_JOBS_PER_CLIENT", "2")),
+                      retention_seconds=retention * 3600 if retention > 0 else None)
 
 
 def checkpoint_names(role: str | None = None) -> list[str]:
@@ -168,16 +180,16 @@ def _student_mistakes(student):
     recorded = student.meta.get("teacher")
     if not recorded:
         return [], "No teacher recorded for this model."
-    images, labels, classes = models_tab.load_sample(ASSETS / "cifar10-test-sample.safetensors")
-    if student.classes != classes:
+    sample = models_tab.load_sample(SAMPLE)
+    if student.classes != sample.classes:
         return [], "The sample test images are CIFAR-10; this model was trained on other classes."
     try:
         teacher = model_cache.get(recorded["name"])
     except CheckpointError:
         return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
-    gallery, count = models_tab.student_mistakes(student, teacher, images, labels, classes)
-    return gallery, (f"{count} of {len(labels):,} sample test images that {recorded['name']} classifies correctly "
-                     f"and {student.name} does not (first {len(gallery)} shown).")
+    gallery, count = models_tab.student_mistakes(student, teacher, sample)
+    return gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} classifies "
+                     f"correctly and {student.name} does not (first {len(gallery)} shown).")
 
 
 # -- Distill -------------------------------------------------------------------------------------
@@ -192,12 +204,24 @@ def job_request(teacher, student, data, ce, kd, feature, cam, temperature, epoch
             "limit": int(limit) if limit else None, "teacher_views": teacher_views, "name": name or None}
 
 
-def launch_job(*form):
+def client_token(token) -> str:
+    """Who launched a job: a random token kept in the browser (or the API client's session)."""
+    return token if isinstance(token, str) and len(token) >= 16 else secrets.token_urlsafe(16)
+
+
+def _owner(token) -> str | None:
+    """The owner a request acts as; ``None`` (any job) when the operator shares all jobs."""
+    return None if SHARED_JOBS else client_token(token)
+
+
+def launch_job(*form_and_token):
+    *form, token = form_and_token
+    token = client_token(token)
     try:
-        job = job_manager().submit(job_request(*form))
+        job = job_manager().submit(job_request(*form), owner=None if SHARED_JOBS else token)
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
-    return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"])
+    return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"]), token
 
 
 def recipe_form(recipe):
@@ -245,21 +269,21 @@ def refresh_jobs(job_id, known_checkpoints):
             choice_update, choice_update, choice_update)
 
 
-def _job_action(job_id, action: str) -> str:
+def _job_action(job_id, action: str, token) -> str:
     job_id = _job_id(job_id, action)
     try:
-        job = getattr(job_manager(), action)(job_id)
+        job = getattr(job_manager(), action)(job_id, owner=_owner(token))
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return f"Job {job['id']} is {job['state']}."
 
 
-def cancel_job(job_id):
-    return _job_action(job_id, "cancel")
+def cancel_job(job_id, token=None):
+    return _job_action(job_id, "cancel", token)
 
 
-def resume_job(job_id):
-    return _job_action(job_id, "resume")
+def resume_job(job_id, token=None):
+    return _job_action(job_id, "resume", token)
 
 
 # -- Layout --------------------------------------------------------------------------------------
@@ -284,7 +308,9 @@ with gr.Blocks(title="KD Workbench") as demo:
                                        max_choices=MAX_STUDENTS, label="Students (up to 3)")
                 method = gr.Radio(cam_methods(), value="gradcam", label="CAM method",
                                   info="scorecam runs the model once per channel: slower")
-                target = gr.Dropdown([PREDICTED, TEACHERS_PREDICTION], value=PREDICTED, label="Explain the class")
+                # custom values: a class name chosen over the API before the teacher's classes are filled in
+                target = gr.Dropdown([PREDICTED, TEACHERS_PREDICTION], value=PREDICTED, label="Explain the class",
+                                     allow_custom_value=True)
                 with gr.Row():
                     top_k = gr.Slider(1, 10, value=5, step=1, label="top-k")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity")
@@ -311,7 +337,7 @@ with gr.Blocks(title="KD Workbench") as demo:
         with gr.Row():
             by_params = gr.Plot(label="accuracy vs parameters")
             by_latency = gr.Plot(label="accuracy vs CPU latency")
-        chosen_model = gr.Dropdown(label="Model", choices=[])
+        chosen_model = gr.Dropdown(checkpoint_names(), value=None, label="Model", allow_custom_value=True)
         with gr.Row():
             per_class = gr.Plot(label="per-class accuracy")
             confusion = gr.Plot(label="confusion matrix")
@@ -363,19 +389,20 @@ with gr.Blocks(title="KD Workbench") as demo:
             loss_plot = gr.Plot(label="loss")
             accuracy_plot = gr.Plot(label="accuracy")
         known_checkpoints = gr.State(checkpoint_names())
+        owner_token = gr.BrowserState("", storage_key="kd-workbench-jobs")  # who launched this browser's jobs
         timer = gr.Timer(2.0)
 
     launch.click(launch_job, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature, epochs, lr,
-                              batch_size, seed, limit, teacher_views, job_name, job_recipe], [launch_message, job_choice],
-                 api_name="launch_job")
+                              batch_size, seed, limit, teacher_views, job_name, job_recipe, owner_token],
+                 [launch_message, job_choice, owner_token], api_name="launch_job")
     job_recipe.change(recipe_form, job_recipe, [job_teacher, job_student, ce, kd, feature, cam, temperature, epochs,
                                                 lr, batch_size, seed, limit, teacher_views], api_name="recipe_form")
     refresh_outputs = [jobs_table, job_choice, progress, loss_plot, accuracy_plot, known_checkpoints,
                        teacher, students, job_teacher]
     timer.tick(refresh_jobs, [job_choice, known_checkpoints], refresh_outputs, api_name="jobs",
                show_progress="hidden")
-    cancel.click(cancel_job, job_choice, launch_message, api_name="cancel_job")
-    resume.click(resume_job, job_choice, launch_message, api_name="resume_job")
+    cancel.click(cancel_job, [job_choice, owner_token], launch_message, api_name="cancel_job")
+    resume.click(resume_job, [job_choice, owner_token], launch_message, api_name="resume_job")
     demo.load(models_overview, None, overview_outputs, api_name=False)
     demo.load(target_choices, teacher, target, api_name=False)
 
@@ -401,6 +428,7 @@ def main() -> None:
     threading.Thread(target=schedule_jobs, args=(job_manager(),), name="job-scheduler", daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
         max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
+        delete_cache=(3600, 7200),  # every hour, remove uploads and outputs older than two hours
         theme=gr.themes.Soft(primary_hue="indigo"), css=ENLARGE_IMAGES_CSS)
 
 

@@ -30,7 +30,7 @@ NAMED_SETTINGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "w
                   "label_smoothing": "label_smoothing", "seed": "seed", "limit": "limit", "device": "device",
                   "eval_every": "eval_every", "crop_padding": "augment.crop_padding", "rotation": "augment.rotation",
                   "color_jitter": "augment.color_jitter", "cutout": "augment.cutout", "temperature": "temperature",
-                  "teacher_views": "teacher_views"}
+                  "teacher_views": "teacher_views", "validation": "validation"}
 
 
 class UsageError(Exception):
@@ -68,7 +68,10 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     opt.add_argument("--limit", type=int, help="train on a random subset of N training images")
     opt.add_argument("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     opt.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 on capable CPUs, fp16 on CUDA)")
-    opt.add_argument("--eval-every", type=int, help="test-set evaluation every N epochs (0: only at the end)")
+    opt.add_argument("--eval-every", type=int, help="evaluation every N epochs (0: only at the end)")
+    opt.add_argument("--validation", type=int, metavar="N",
+                     help="hold N training images out (stratified, the same for every run) and evaluate on them "
+                          "instead of the test split: for choosing methods and settings (0: the test split)")
 
     opt.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                      help="set any training setting by name, checked against kd_core.training.TrainConfig (e.g. "
@@ -87,6 +90,8 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss.add_argument("--ce", type=float, help="weight of cross-entropy with the labels; without a recipe and without any weight given, "
                           "distill uses --ce 0.25 --kd 0.75")
         loss.add_argument("--kd", type=float, help="weight of Hinton KD, KL(softmax(t/T) || softmax(s/T)) * T^2")
+        loss.add_argument("--dkd", type=float, help="weight of decoupled KD (Zhao et al. 2022): target-class and "
+                          "non-target-class terms weighted apart (--set dkd_alpha=1 --set dkd_beta=8)")
         loss.add_argument("--feature", type=float, help="weight of the FitNets hint (MSE through a 1x1 adapter)")
         loss.add_argument("--cam", type=float, help="weight of CAM alignment (CAM-KD)")
         loss.add_argument("--cosine", type=float, help="weight of the tutorial's cosine hidden-representation loss")
@@ -121,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--record", action="store_true",
                           help="write the measurements (per-class accuracy, confusion, top-5, and with --speed "
                                "latency and memory) into each checkpoint's metadata")
+    evaluate.add_argument("--sample", type=Path, metavar="FILE",
+                          help="with --record: also record each checkpoint's predictions on this image sample "
+                               "(the dashboard's assets/cifar10-test-sample.safetensors), so the Models tab "
+                               "shows its mistakes without running it")
     evaluate.add_argument("--cache-dir", type=Path)
 
     listing = commands.add_parser("list", help="describe the checkpoints in a folder")
@@ -133,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="train one recipe several ways (ablation, temperature sweep, seeds) and tabulate",
         description="Run a study of a recipe and print a Markdown table of test top-1 (mean ± std over seeds). "
                     "Finished runs are kept in the output folder, so an interrupted study resumes.")
-    study.add_argument("kind", choices=("ablation", "temperature", "seeds"),
+    study.add_argument("kind", choices=("ablation", "temperature", "seeds", "gain"),
                        help="ablation: CE / KD / CAM / KD+CAM / KD+feature; temperature: the recipe at each "
-                            "--temperatures; seeds: the recipe as it is")
+                            "--temperatures; seeds: the recipe as it is; gain: the recipe against its "
+                            "cross-entropy twin, with the difference's 95%% confidence interval")
     study.add_argument("--recipe", required=True, help="the recipe to vary (see `python -m kd_core recipes`)")
     study.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every variant runs once per seed")
     study.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6, 8],
@@ -150,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finished checkpoints (e.g. the shipped ones) to record instead of retraining a run "
                             "whose architecture, data, teacher and settings they match exactly")
     study.add_argument("--limit", type=int, help="train on a random subset of N training images")
+    study.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                       help="change any setting of the recipe before its variants are made (see train --help)")
+    study.add_argument("--validation", type=int, metavar="N",
+                       help="score every run on N training images held out (stratified, fixed) instead of the "
+                            "test split: for choosing a method")
     study.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     study.add_argument("--cache-dir", type=Path)
 
@@ -220,7 +235,8 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
     if path is None:
         print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
         return 130
-    print(f"wrote {path}: test top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min of training")
+    print(f"wrote {path}: {result.evaluated_on} top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min "
+          "of training")
     return 0
 
 
@@ -229,7 +245,7 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import agreement, classification_report, predict
+    from .evaluation import agreement, cam_agreement, classification_report, predict
     from .profile import count_macs, count_parameters, measure_latency, measure_peak_memory
 
     reports = []
@@ -254,6 +270,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             teacher_logits = predict(teacher.model, data.test.images, teacher.mean, teacher.std)
             report["teacher"] = str(teacher_path)
             report.update(agreement(logits, teacher_logits))
+            report.update(cam_agreement(checkpoint.model, teacher.model, data.test.images,
+                                        (checkpoint.mean, checkpoint.std), (teacher.mean, teacher.std)) or {})
+        if args.sample is not None:
+            from .dashboard.models_tab import load_sample
+            from .evaluation import sample_predictions
+            sample = load_sample(args.sample)
+            if sample.classes == checkpoint.classes:
+                predicted = sample_predictions(checkpoint, sample.images, sample.sha256)
+                report["sample_predictions"] = {"sample_sha256": sample.sha256, "predictions": predicted.tolist()}
         if args.speed:
             shape = tuple(checkpoint.meta["data"]["input_size"])
             report["latency_ms_batch1"] = measure_latency(checkpoint.model, shape, 1)
@@ -272,6 +297,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if "top1_agreement" in report:
             print(f"  vs teacher {report['teacher']}: top-1 agreement {report['top1_agreement']:.2f}%, "
                   f"KL(teacher||student) {report['kl_teacher_student']:.4f}")
+        if "cam_correlation_mean" in report:
+            print(f"  CAMs vs teacher (teacher's class, {report['cam_images']:,} images): correlation mean "
+                  f"{report['cam_correlation_mean']:.3f}, median {report['cam_correlation_median']:.3f}; "
+                  f"top-20% IoU mean {report['cam_top_region_iou_mean']:.3f}")
         if "latency_ms_batch1" in report:
             memory = report["peak_memory_bytes_batch256"]
             print(f"  CPU latency: batch 1 {report['latency_ms_batch1']:.2f} ms, batch 256 "
@@ -294,12 +323,14 @@ def _record(path: Path, report: dict) -> None:
         raise UsageError(f"{path.name}: measured top-1 {report['top1']:.2f}% differs from the recorded {recorded}%; "
                          "not recording (evaluated on another data set?)")
     keys = ("top5", "per_class", "confusion", "latency_ms_batch1", "latency_ms_batch256",
-            "peak_memory_bytes_batch256", "top1_agreement", "kl_teacher_student")
+            "peak_memory_bytes_batch256", "top1_agreement", "kl_teacher_student", "cam_correlation_mean",
+            "cam_correlation_median", "cam_top_region_iou_mean")
     metrics = {("test_top5" if key == "top5" else key): report[key] for key in keys if key in report}
     if "latency_ms_batch1" in metrics:
         import torch
         metrics["latency_device"] = f"cpu, {torch.get_num_threads()} threads"
-    update_metadata(path, {"metrics": metrics})
+    update_metadata(path, {"metrics": metrics, **({"sample_predictions": report["sample_predictions"]}
+                                                   if "sample_predictions" in report else {})})
     print(f"recorded measurements in {path}")
 
 
@@ -333,7 +364,9 @@ def _study(args: argparse.Namespace) -> int:
     from .experiments.study import run_study
 
     recipe = recipes.get(args.recipe)
-    overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device") if getattr(args, key) is not None}
+    overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device", "validation")
+                 if getattr(args, key) is not None}
+    overrides.update(parse_setting(assignment) for assignment in args.settings)
     config = with_overrides(recipe.config, overrides).validate()
     if args.kind == "temperature" and any(t <= 0 for t in args.temperatures):
         raise UsageError("temperatures must be > 0")

@@ -55,11 +55,81 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dic
     return {"top1_agreement": 100.0 * same, "kl_teacher_student": kl}
 
 
-def student_mistakes(student, teacher, images: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the images (uint8 ``(N, C, H, W)``) that ``teacher`` classifies correctly and
-    ``student`` does not (two loaded checkpoints), and the student's predictions on all of them."""
-    student_predictions = predict(student.model, images, student.mean, student.std).argmax(1)
-    teacher_predictions = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1)
+def sample_predictions(checkpoint, images: torch.Tensor, sample_sha256: str) -> torch.Tensor:
+    """A loaded checkpoint's predicted classes ``(N,)`` on a fixed sample of uint8 images: those
+    recorded in its metadata for this very sample (``evaluate --record --sample``), else computed
+    once and kept with the loaded checkpoint (a changed file is a new load)."""
+    recorded = checkpoint.meta.get("sample_predictions") or {}
+    if recorded.get("sample_sha256") == sample_sha256 and len(recorded.get("predictions", ())) == len(images):
+        return torch.tensor(recorded["predictions"], dtype=torch.long)
+    cache = checkpoint.__dict__.setdefault("_sample_predictions", {})
+    if sample_sha256 not in cache:
+        cache[sample_sha256] = predict(checkpoint.model, images, checkpoint.mean, checkpoint.std).argmax(1)
+    return cache[sample_sha256]
+
+
+def student_mistakes(student, teacher, images: torch.Tensor, labels: torch.Tensor,
+                     sample_sha256: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the sample images (uint8 ``(N, C, H, W)``) that ``teacher`` classifies correctly
+    and ``student`` does not (two loaded checkpoints), and the student's predictions on all of them."""
+    student_predictions = sample_predictions(student, images, sample_sha256)
+    teacher_predictions = sample_predictions(teacher, images, sample_sha256)
     chosen = torch.nonzero((teacher_predictions == labels) & (student_predictions != labels))[:, 0]
     return chosen, student_predictions
+
+
+TOP_REGION_FRACTION = 0.2  # the "hottest region" of a map, as the Explain tab measures it
+
+
+def cam_agreement(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor,
+                  student_stats: tuple[Sequence[float], Sequence[float]],
+                  teacher_stats: tuple[Sequence[float], Sequence[float]], batch_size: int = 500,
+                  device: torch.device | str = "cpu") -> dict[str, float] | None:
+    """Whether a student looks where its teacher looks, over uint8 ``images`` ``(N, C, H, W)``:
+    both models' torch CAMs (:func:`kd_core.cam.class_activation_map`, one pass each, no test-time
+    augmentation) for the teacher's predicted class, compared per image at the larger map's size:
+    mean and median Pearson correlation, and the mean IoU of their top-20% regions. None when
+    either model has no spatial feature map. A flat map correlates 0."""
+    from .cam import class_activation_map, resize_maps
+
+    if student.cam_layer is None or teacher.cam_layer is None:
+        return None
+    device = torch.device(device)
+    states = student.training, teacher.training
+    student.eval(), teacher.eval()
+    correlations, ious = [], []
+    try:
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(device)
+            with torch.no_grad():
+                teacher_features = teacher.forward_features(normalize(chunk, *teacher_stats))
+                classes = teacher.forward_head(teacher_features).argmax(1)
+                student_features = student.forward_features(normalize(chunk, *student_stats))
+            teacher_maps = class_activation_map(teacher, teacher_features, classes, create_graph=False).detach()
+            student_maps = class_activation_map(student, student_features, classes, create_graph=False).detach()
+            size = tuple(max(a, b) for a, b in zip(teacher_maps.shape[-2:], student_maps.shape[-2:]))
+            teacher_flat = resize_maps(teacher_maps, size).flatten(1).double()          # (B, HW)
+            student_flat = resize_maps(student_maps, size).flatten(1).double()
+            correlations.append(_pearson(teacher_flat, student_flat))
+            ious.append(_top_region_iou(teacher_flat, student_flat))
+    finally:
+        student.train(states[0]), teacher.train(states[1])
+    correlation, iou = torch.cat(correlations), torch.cat(ious)
+    return {"cam_correlation_mean": round(correlation.mean().item(), 4),
+            "cam_correlation_median": round(correlation.median().item(), 4),
+            "cam_top_region_iou_mean": round(iou.mean().item(), 4), "cam_images": len(correlation)}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``(B, D)`` tensors; 0 where either row is flat."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denominator = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    return torch.where(denominator > 0, (a * b).sum(1) / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
+
+
+def _top_region_iou(a: torch.Tensor, b: torch.Tensor, fraction: float = TOP_REGION_FRACTION) -> torch.Tensor:
+    """Row-wise IoU of the ``fraction`` largest entries of ``(B, D)`` tensors (ties by position)."""
+    count = max(1, int(round(fraction * a.shape[1])))
+    region_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(count, dim=1).indices, True)
+    region_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(count, dim=1).indices, True)
+    return (region_a & region_b).sum(1).double() / (region_a | region_b).sum(1).double()

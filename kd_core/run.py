@@ -17,7 +17,9 @@ from .data import DataBundle, load_data
 from .data.sources import default_cache_dir
 from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
+from .losses import needs_teacher
 from .training import Callback, TrainConfig, Trainer, TrainResult
+from .training.targets import teacher_targets
 from .runtime import seed_everything
 
 
@@ -39,7 +41,7 @@ class RunSpec:
 
 def method_name(weights: dict[str, float]) -> str:
     """``{'ce': 1, 'kd': 1, 'cam': 0.5}`` -> ``'ce+kd+cam'`` (terms with weight 0 left out)."""
-    order = ["ce", "kd", "feature", "cam", "cosine", "at"]
+    order = ["ce", "kd", "dkd", "feature", "cam", "cosine", "at"]
     active = [name for name in order if weights.get(name, 0) > 0]
     active += sorted(name for name, weight in weights.items() if weight > 0 and name not in order)
     return "+".join(active)
@@ -74,6 +76,8 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     spec.config.validate()
     check_weights_dtype(spec.weights_dtype)  # an unknown dtype fails before any data is loaded
     data = load_data(spec.data, cache_dir=spec.cache_dir)
+    if spec.config.validation:
+        data = data.with_validation(spec.config.validation)
     teacher = None
     if spec.teacher is not None:
         teacher = load_checkpoint(spec.teacher)
@@ -81,9 +85,11 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     arch_args = models.arch_args_for(spec.arch, len(data.classes), data.input_shape, **spec.arch_args)
     seed_everything(spec.config.seed)  # the student's initial weights are part of a reproducible run
     model = models.create(spec.arch, **arch_args)
-    trainer = Trainer(model, data, spec.config, teacher=teacher.model if teacher else None,
-                      callbacks=callbacks, state_path=spec.state_path,
-                      bank_dir=spec.cache_dir or default_cache_dir())
+    teacher_model = teacher.model if teacher else None
+    targets = teacher_targets(teacher_model, spec.config, needs_teacher(spec.config.loss_weights),
+                              bank_dir=spec.cache_dir or default_cache_dir())
+    trainer = Trainer(model, data, spec.config, teacher=teacher_model, callbacks=callbacks,
+                      state_path=spec.state_path, targets=targets)
     if stop_hook is not None:
         stop_hook(trainer)
     started = time.time()
@@ -99,6 +105,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     round_weights(final, spec.weights_dtype)  # evaluate exactly what the checkpoint will hold
     report = evaluate_final(final, data, trainer.device)
     final = final.cpu().to(memory_format=torch.contiguous_format)
+    split = data.evaluated_on  # "test", or "validation": a pilot scored on images held out of train/
     meta = {
         "name": spec.name or spec.output.stem,
         "role": spec.role,
@@ -107,19 +114,20 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         **({"trained_as": trained_as} if trained_as else {}),
         "data": {"source": spec.data, "classes": data.classes, "input_size": list(data.input_shape),
                  "mean": list(data.mean), "std": list(data.std), "train_size": len(trainer.train_split),
-                 "test_size": len(data.test)},
+                 f"{split}_size": len(data.test)},
         "method": method_name(spec.config.loss_weights),
         "recipe": spec.recipe,
         "config": spec.config.to_dict(),
         "weights_dtype": spec.weights_dtype,
         "teacher": teacher_summary(teacher) if teacher else None,
-        "metrics": {"test_top1": round(report["top1"], 2), "test_top5": round(report["top5"], 2),
+        "metrics": {f"{split}_top1": round(report["top1"], 2), f"{split}_top5": round(report["top5"], 2),
+                    **({"evaluated_on": "validation"} if split == "validation" else {}),
                     "per_class": [round(value, 2) for value in report["per_class"]],
                     "confusion": report["confusion"],
                     "params": count_parameters(final), "macs": count_macs(final, data.input_shape)},
         "history": [{"epoch": info.epoch + 1, "loss": round(info.train["loss"], 4),
                      "train_top1": round(info.train["train_top1"], 2),
-                     **({"test_top1": round(info.test["test_top1"], 2)} if "test_top1" in info.test else {})}
+                     **({f"{split}_top1": round(info.test["test_top1"], 2)} if "test_top1" in info.test else {})}
                     for info in result.history],
         "train_seconds": round(result.train_seconds, 1),
         "teacher_bank_seconds": round(result.bank_seconds, 3),  # its build, here or by the run that cached it
@@ -130,5 +138,5 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         "versions": {"kd_core": __version__, "torch": torch.__version__},
     }
     path = save_checkpoint(spec.output, final, meta)
-    result.test_top1 = report["top1"]
+    result.test_top1, result.evaluated_on = report["top1"], split
     return result, path

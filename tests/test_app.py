@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,101 +22,20 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import CIFAR_CLASSES
+from helpers import CAT, CIFAR_CLASSES, build_bench, start_app, stop_app
 from kd_core.checkpoint import load_checkpoint
 from kd_core.dashboard.models_tab import load_sample
 from kd_core.evaluation import predict
 from kd_core.explain import explain
 from kd_core.jobs import JobStore
-from kd_core.run import RunSpec, run
-from kd_core.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CAT = ROOT / "assets" / "examples" / "cat_0000.jpg"
 PREDICTED = "each model's own prediction"
-STARTUP_TIMEOUT = 120.0
 JOB_TIMEOUT = 90.0
 CANCEL_SECONDS = 2.0
 JOB_SETTINGS = {"teacher": "teacher", "student": "camnet", "data": None, "ce": 0.5, "kd": 0.5, "feature": 0,
                 "cam": 0, "temperature": 4, "epochs": 1, "lr": 0.05, "batch_size": 32, "seed": 0, "limit": 48,
                 "teacher_views": 0, "name": ""}
-
-
-# -- a tiny bench: data, checkpoints, a server -----------------------------------------------------
-
-
-def write_dataset(root: Path, per_class: dict[str, int], side: int = 32) -> None:
-    """``root/<split>/<class>/<i>.png``: noisy 32x32 RGB images, one dominant channel level per class."""
-    generator = np.random.default_rng(0)
-    for split, count in per_class.items():
-        for index, name in enumerate(CIFAR_CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for number in range(count):
-                pixels = generator.integers(0, 256, (side, side, 3), dtype=np.uint8)
-                pixels[:, :, index % 3] = 25 * index
-                Image.fromarray(pixels).save(folder / f"{number}.png")
-
-
-def build_bench(root: Path) -> SimpleNamespace:
-    """A lightnn teacher and a camnet student distilled from it (1 epoch each), a copy of the
-    student, and the environment a server on them needs."""
-    data, checkpoints, cache = root / "data", root / "checkpoints", root / "cache"
-    write_dataset(data, {"train": 6, "test": 2})
-    source = f"folder:{data}"
-    run(RunSpec(arch="lightnn", data=source, config=TrainConfig(epochs=1, batch_size=32, lr=0.05),
-                output=checkpoints / "teacher.safetensors", role="teacher", cache_dir=cache))
-    run(RunSpec(arch="camnet", data=source, output=checkpoints / "student.safetensors",
-                config=TrainConfig(epochs=1, batch_size=32, lr=0.05, loss_weights={"ce": 0.5, "kd": 0.5}),
-                teacher=checkpoints / "teacher.safetensors", cache_dir=cache))
-    shutil.copy(checkpoints / "student.safetensors", checkpoints / "student-copy.safetensors")
-    missing = root / "gone"  # offered by the server, but not on disk
-    env = {"KD_CHECKPOINTS": str(checkpoints), "KD_RUNS": str(root / "runs"), "KD_CACHE_DIR": str(cache),
-           "KD_DATA_SOURCES": f"{source},folder:{missing}", "GRADIO_TEMP_DIR": str(root / "gradio"),
-           "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    return SimpleNamespace(root=root, source=source, missing_source=f"folder:{missing}", checkpoints=checkpoints,
-                           runs=root / "runs", env=env)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``python app.py`` in a session of its own; returns once the page answers."""
-    port = free_port()
-    environment = {**os.environ, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.3)
-    stop_app(process)
-    raise RuntimeError(f"app.py did not answer within {STARTUP_TIMEOUT:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_app(process: subprocess.Popen, runs: Path | None = None) -> None:
-    """Kill the server's process group and any job worker still running (each has a group of its own)."""
-    groups = [process.pid]
-    if runs is not None and (runs / "jobs.sqlite3").exists():
-        groups += [job["pgid"] for job in JobStore(runs).list_jobs(("running",)) if job["pgid"]]
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +277,11 @@ def test_explain_refuses_names_outside_the_checkpoints_folder(client, teacher, s
     pytest.param({"batch_size": 0}, r"^batch_size must be a whole number >= 1, got 0$", id="batch-0"),
     pytest.param({"ce": 0, "kd": 0}, r"^weights: at least one loss weight must be positive$", id="no-loss"),
     pytest.param({"teacher_views": -1}, r"^teacher_views must be a whole number >= 0, got -1", id="views-negative"),
+    pytest.param({"epochs": 301}, r"^epochs must be at most 300 on this server, got 301$", id="epochs-over-bound"),
+    pytest.param({"teacher_views": 33}, r"^teacher_views must be at most 32 on this server", id="views-over-bound"),
+    pytest.param({"batch_size": 5000}, r"^batch_size must be at most 4096 on this server", id="batch-over-bound"),
+    pytest.param({"lr": 11}, r"^lr must be at most 10 on this server", id="lr-over-bound"),
+    pytest.param({"recipe": "airnet"}, r"^recipe: 'airnet' is not a distillation recipe", id="teacher-recipe"),
     pytest.param({"data": "folder:/no/such/data"}, r"Value: folder:/no/such/data is not in the list of choices",
                  id="data-not-offered"),
     pytest.param({"data": "missing"}, r"^data: '.*/gone' does not exist$", id="data-offered-but-gone"),
@@ -411,7 +332,8 @@ def test_models_tab_lists_checkpoints_and_counts_student_mistakes(server, client
 
     _, _, gallery, note = client.predict("student", api_name="/model_details")
 
-    images, labels, _ = load_sample(ROOT / "assets" / "cifar10-test-sample.safetensors")
+    sample = load_sample(ROOT / "assets" / "cifar10-test-sample.safetensors")
+    images, labels = sample.images, sample.labels
     teacher_right = predict(teacher.model, images, teacher.mean, teacher.std).argmax(1) == labels
     student_wrong = predict(student.model, images, student.mean, student.std).argmax(1) != labels
     count = int((teacher_right & student_wrong).sum())
@@ -488,6 +410,44 @@ def test_cancel_stops_a_running_job_and_its_workers(server, client):
     assert (server.checkpoints / "after-long.safetensors").is_file()
     row, _ = job_row(client, long_job)
     assert row[2] == "cancelled"
+
+
+def test_only_the_launching_client_can_cancel_its_job_and_each_client_has_a_cap(server, client):
+    store = JobStore(server.runs)
+    other = Client(server.url, verbose=False)  # another browser: another session, another owner token
+    mine = launch(client, server, epochs=300, name="mine")
+    with pytest.raises(AppError, match=rf"^job {mine} was launched by another session; only that session can cancel"):
+        other.predict(mine, api_name="/cancel_job")
+    with pytest.raises(AppError, match="only that session can resume"):
+        other.predict(mine, api_name="/resume_job")
+    assert store.get(mine)["state"] in ("queued", "running")
+    more = [launch(client, server, epochs=300, name=f"mine-{n}") for n in (2, 3)]  # the cap is 3 per client
+    with pytest.raises(AppError, match=r"^you already have 3 jobs queued or running; wait for one"):
+        launch(client, server, epochs=1, name="one-too-many")
+    theirs = launch(other, server, epochs=1, name="theirs")  # another client still may, within the server's 5
+    with pytest.raises(AppError, match=r"^the server already has 5 jobs queued or running"):
+        launch(other, server, epochs=1, name="server-full")
+    with pytest.raises(AppError, match="launched by another session"):
+        client.predict(theirs, api_name="/cancel_job")
+    for job_id in [mine, *more]:
+        assert client.predict(job_id, api_name="/cancel_job") == f"Job {job_id} is cancelled."
+    other.predict(theirs, api_name="/cancel_job")
+    assert not (server.checkpoints / "one-too-many.safetensors").exists()
+
+
+def test_api_clients_see_the_app_a_browser_sees(server):
+    """Choices a browser gets filled in later are accepted from the first call: a class name as the
+    explain target, and a model's details before the Models tab was ever opened."""
+    fresh = Client(server.url, verbose=False)
+    outputs = fresh.predict(handle_file(str(CAT)), "teacher", ["student"], "gradcam", "ship", 2, 0.5,
+                            api_name="/explain")
+    assert [model["explained_class"] for model in outputs[-1]["models"]] == ["ship", "ship"]
+    with pytest.raises(AppError, match="unknown target 'no-such-class'"):
+        fresh.predict(handle_file(str(CAT)), "teacher", [], "gradcam", "no-such-class", 2, 0.5, api_name="/explain")
+    _, _, gallery, note = Client(server.url, verbose=False).predict("student", api_name="/model_details")
+    assert note.endswith("does not (first %d shown)." % len(gallery))
+    with pytest.raises(AppError, match="is not a checkpoint name"):
+        fresh.predict("x" * 5000, api_name="/model_details")
 
 
 # -- what an upload may name ------------------------------------------------------------------------

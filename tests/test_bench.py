@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from kd_core.bench import bench_distill, main
 from kd_core.run import RunSpec, run
 from kd_core.training import TrainConfig

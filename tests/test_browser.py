@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import CAT, build_bench, start_app, stop_app
+from helpers import CAT, build_bench, start_app, stop_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]

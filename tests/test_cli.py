@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from kd_core.checkpoint import file_sha256, load_checkpoint, read_metadata, weights_sha256
 from kd_core.cli import LOSS_TERMS, build_parser, main
 from kd_core.losses import LOSSES

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_CLASSES, REAL_CIFAR, make_tar
+from helpers import CIFAR_CLASSES, REAL_CIFAR, make_tar
 from kd_core.data import AugmentConfig, BatchLoader, DataError, Split, augment_batch, load_data, normalize
 from kd_core.data import augment as aug
 from kd_core.data import sources
@@ -337,3 +337,27 @@ def test_subset():
     assert len(part) == 10 and len(set(part.labels.tolist())) == 10
     assert torch.equal(part.labels, split.subset(10, seed=1).labels)
     assert torch.equal(part.images[:, 0, 0, 0], part.labels.to(torch.uint8) * 20)
+
+
+def test_validation_split_is_stratified_fixed_and_disjoint_from_training():
+    from kd_core.data.sources import DataBundle, Split
+
+    images = torch.arange(300, dtype=torch.int64).view(300, 1, 1, 1).expand(300, 3, 2, 2).to(torch.uint8).contiguous()
+    labels = torch.arange(300) % 3
+    identity = torch.arange(300)  # which training image each row is
+    split = Split(images, labels)
+    rest, held, index = split.holdout(30)
+    assert len(rest) == 270 and len(held) == 30
+    assert torch.bincount(held.labels).tolist() == [10, 10, 10]                   # stratified
+    assert set(index.tolist()).isdisjoint(set(identity[torch.isin(identity, index, invert=True)].tolist()))
+    assert torch.equal(held.labels, labels[index]) and torch.equal(held.images, images[index])
+    kept = torch.ones(300, dtype=torch.bool)
+    kept[index] = False
+    assert torch.equal(rest.images, images[kept])                               # nothing trained on is held out
+    assert torch.equal(split.holdout(30)[2], index)                              # the same for every run
+    bundle = DataBundle("s", split, Split(images[:5], labels[:5]), ["a", "b", "c"], (0.5,) * 3, (0.2,) * 3)
+    validation = bundle.with_validation(30)
+    assert validation.evaluated_on == "validation" and len(validation.train) == 270 and len(validation.test) == 30
+    assert torch.equal(validation.test.images, held.images)
+    with pytest.raises(ValueError, match="validation split of 300 images needs 1 to 299"):
+        split.holdout(300)

@@ -385,3 +385,20 @@ def test_flip_tta_model_predicts_with_both_views_and_maps_one(tmp_path, photo):
     assert with_tta.target == with_tta.predicted
     np.testing.assert_allclose(with_tta.cam, expected_cam, atol=1e-6)
     assert hooks_left(tta.model) == 0
+
+
+def test_sample_predictions_are_read_from_the_metadata_or_computed_once(tmp_path, monkeypatch):
+    import kd_core.evaluation as evaluation
+    from kd_core.evaluation import sample_predictions
+
+    save_tiny(tmp_path, "camnet")
+    checkpoint = load_checkpoint(tmp_path / "camnet.safetensors")
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    calls = []
+    real = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    computed = sample_predictions(checkpoint, images, "abc")
+    assert torch.equal(sample_predictions(checkpoint, images, "abc"), computed) and len(calls) == 1
+    assert torch.equal(computed, real(checkpoint.model, images, checkpoint.mean, checkpoint.std).argmax(1))
+    checkpoint.meta["sample_predictions"] = {"sample_sha256": "def", "predictions": [9, 8, 7, 6, 5, 4]}
+    assert sample_predictions(checkpoint, images, "def").tolist() == [9, 8, 7, 6, 5, 4] and len(calls) == 1

@@ -281,3 +281,10 @@ def test_uploaded_source_accepts_only_files_in_the_upload_folder_and_data_urls(t
         uploaded_source(None, "data:image/png;base64,@@@@", uploads)
     with pytest.raises(ImageError, match="no comma"):
         uploaded_source(None, "data:image/png;base64", uploads)
+
+
+def test_a_tiff_pillow_cannot_read_says_so(tmp_path):
+    path = tmp_path / "scan.tif"
+    path.write_bytes(b"II*\x00" + b"\x08\x00\x00\x00" + b"\xff" * 64)  # a TIFF header, then nonsense
+    with pytest.raises(ImageError, match=r"^scan\.tif is a TIFF file that cannot be read"):
+        load_image(path)

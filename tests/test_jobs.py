@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from kd_core.checkpoint import load_checkpoint
 from kd_core.jobs import JobManager
 from kd_core.jobs.worker import JobReporter, build_run_spec

@@ -347,3 +347,43 @@ def test_cam_loss_trains_the_student_not_the_teacher(student_name, teacher_name,
     head_weight = next(p for name, p in student.head.named_parameters() if name.endswith("weight"))
     assert nonzero_grad(head_weight)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_decoupled_kd_matches_a_hand_computed_value():
+    """DKD on one sample of three classes, label 0, T = 2, alpha 1, beta 8, against the paper's
+    formulas worked out here in plain Python."""
+    import math
+
+    from kd_core.losses.base import ModelOutput, StepOutputs
+    from kd_core.losses.terms import DecoupledKD
+
+    student_logits, teacher_logits, label, temperature = [1.0, 2.0, 0.5], [3.0, 1.0, -1.0], 0, 2.0
+
+    def softmax(values):
+        exps = [math.exp(v / temperature) for v in values]
+        return [e / sum(exps) for e in exps]
+
+    p_s, p_t = softmax(student_logits), softmax(teacher_logits)
+    b_s, b_t = [p_s[label], 1 - p_s[label]], [p_t[label], 1 - p_t[label]]
+    tckd = sum(t * math.log(t / s) for t, s in zip(b_t, b_s))
+    q_s = [p / (1 - p_s[label]) for i, p in enumerate(p_s) if i != label]
+    q_t = [p / (1 - p_t[label]) for i, p in enumerate(p_t) if i != label]
+    nckd = sum(t * math.log(t / s) for t, s in zip(q_t, q_s))
+    expected = temperature**2 * (1.0 * tckd + 8.0 * nckd)
+
+    model = torch.nn.Identity()
+    outputs = StepOutputs(ModelOutput(None, torch.tensor([student_logits]), model),
+                          ModelOutput(None, torch.tensor([teacher_logits]), model), torch.tensor([label]))
+    losses = DecoupledKD(temperature=temperature, alpha=1.0, beta=8.0)(outputs)
+    assert losses["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["tckd"].item() == pytest.approx(temperature**2 * tckd, rel=1e-5)
+    assert losses["nckd"].item() == pytest.approx(temperature**2 * nckd, rel=1e-5)
+    # alpha = beta = 1 - p_t: DKD is Hinton's KD exactly (the paper's eq. 2 reformulation)
+    weight = 1 - p_t[label]
+    from kd_core.losses.terms import SoftTargetKD
+    hinton = SoftTargetKD(temperature=temperature)(outputs)["loss"].item()
+    assert DecoupledKD(temperature=temperature, alpha=1.0, beta=weight)(outputs)["loss"].item() == \
+        pytest.approx(hinton, rel=1e-5)
+    # a student equal to its teacher has nothing to learn
+    same = StepOutputs(outputs.teacher, outputs.teacher, outputs.labels)
+    assert DecoupledKD(temperature=temperature)(same)["loss"].item() == pytest.approx(0.0, abs=1e-7)

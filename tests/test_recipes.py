@@ -14,6 +14,7 @@ from kd_core.training.config import changed_settings, parse_setting, with_overri
 
 STORED = json.loads((Path(__file__).parent / "data" / "recipe_run_specs.json").read_text())
 REMOVED_SETTINGS = {"distinct_views": False, "ema_every": 1}  # taken out of TrainConfig; they held these no-op values
+ADDED_SETTINGS = {"validation": 0, "dkd_alpha": 1.0, "dkd_beta": 8.0}  # added since, at the value every recipe keeps
 
 
 def as_stored(spec) -> dict:
@@ -32,6 +33,8 @@ def test_every_recipe_resolves_to_the_run_it_resolved_to_before(name):
     stored = STORED[name]
     for setting, value in REMOVED_SETTINGS.items():
         assert stored["config"].pop(setting) == value
+    for setting, value in ADDED_SETTINGS.items():
+        assert resolved["config"].pop(setting) == value
     assert resolved.keys() == stored.keys()
     for key in stored:
         if key == "config":
@@ -119,3 +122,17 @@ def test_a_distill_tab_job_with_a_recipe_trains_what_distill_recipe_trains(name,
     assert job.config == cli.config
     assert (job.arch, job.arch_args, job.role, job.recipe, job.weights_dtype, job.teacher.name) == \
         (cli.arch, cli.arch_args, cli.role, cli.recipe, cli.weights_dtype, cli.teacher.name)
+
+
+def test_every_shipped_checkpoint_is_its_recipe_unchanged():
+    """What ships was trained by exactly its recipe, settings since removed included (they held
+    their no-op values), so its command is the recipe's own."""
+    from kd_core.checkpoint import read_metadata
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "checkpoints").glob("*.safetensors"))
+    assert shipped
+    for path in shipped:
+        meta = read_metadata(path)
+        assert reproduce_command(meta) == recipes.get(meta["recipe"]).command, path.name
+        for setting, value in REMOVED_SETTINGS.items():
+            assert meta["config"].get(setting, value) == value

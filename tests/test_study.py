@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from kd_core.experiments import recipes
 from kd_core.cli import main
 from kd_core.experiments.study import (ablation_variants, matching_checkpoint, run_study, summarize, temperature_variants,
                            variants_for)
+from kd_core.checkpoint import read_metadata
 from kd_core.training import Callback
 
 pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
@@ -93,12 +95,12 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "ablation" / "results.json").read_text())
     assert [row["variant"] for row in rows] == ["CE only", "KD", "CAM", "KD + CAM", "KD + feature"]
-    assert all(0 <= row["test_top1"] <= 100 and row["epochs"] == 1 and row["limit"] == 24 for row in rows)
+    assert all(0 <= row["top1"] <= 100 and row["epochs"] == 1 and row["limit"] == 24 for row in rows)
     assert sorted(p.name for p in (tmp_path / "ablation").glob("*.safetensors")) == sorted(
         f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "kd", "cam", "kd-cam", "kd-feature"])
     assert out.startswith("**ablation study of recipe camnet-kd-cam (camnet_rep, 1 epochs, teacher teacher)")
     for row in rows:
-        assert f"| {row['variant']} |" in out and f"**{row['test_top1']:.2f}**" in out
+        assert f"| {row['variant']} |" in out and f"**{row['top1']:.2f}**" in out
     assert (tmp_path / "ablation" / "results.md").read_text() == out
 
     # Run again: every run is already recorded, so nothing trains and the table is the same.
@@ -125,7 +127,7 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
              "--seeds", "0", "1", "--output", tmp_path / "seeds", *cache]
     assert main([str(arg) for arg in seeds]) == 0
     out = capsys.readouterr().out
-    accuracies = [row["test_top1"] for row in json.loads((tmp_path / "seeds" / "results.json").read_text())]
+    accuracies = [row["top1"] for row in json.loads((tmp_path / "seeds" / "results.json").read_text())]
     assert len(accuracies) == 2
     assert re.search(r"\| recipe \| 1·ce \| - \| 0, 1 \| \*\*\d+\.\d\d\*\* ± \d+\.\d\d \|", out)
 
@@ -141,7 +143,7 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     original = {row["variant"]: row for row in rows}
     assert reused["KD"]["checkpoint"] == "camnet-kd-cam-kd-s0.safetensors"
     assert reused["KD + CAM"]["checkpoint"] == "camnet-kd-cam-kd-cam-s0.safetensors"
-    assert reused["KD"]["test_top1"] == original["KD"]["test_top1"]
+    assert reused["KD"]["top1"] == original["KD"]["top1"]
     assert sorted(p.name for p in (tmp_path / "reused").glob("*.safetensors")) == sorted(
         f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "cam", "kd-feature"])
     assert main([*again[:-1], str(tmp_path / "absent.safetensors")]) == 2
@@ -185,7 +187,7 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
     partial = (tmp_path / "seeds" / "results.md").read_text()
     assert partial.startswith("**seeds study of recipe camnet-ce (camnet, 1 epochs), data folder:")
     assert "; not yet run: recipe (seed 1)**" in partial
-    seed0 = json.loads((tmp_path / "seeds" / "results.json").read_text())[0]["test_top1"]
+    seed0 = json.loads((tmp_path / "seeds" / "results.json").read_text())[0]["top1"]
     assert f"| recipe | 1·ce | - | 0 | **{seed0:.2f}** | {seed0:.2f} |" in partial
 
     summary = run_study(**study)  # resumed: trains seed 1 only; the title loses its note
@@ -204,3 +206,36 @@ def test_study_errors(capsys, tmp_path, monkeypatch):
     assert "needs a recipe whose objective has a KD term" in capsys.readouterr().err
     assert main(["study", "seeds", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_gain_study_scores_the_recipe_and_its_ce_twin_on_a_validation_split(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "data", ["cat", "dog", "frog"], {"train": 16, "test": 6}, size=32)
+    data = f"folder:{tmp_path / 'data'}"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--model", "lightnn", "--data", data, "--epochs", "1", "--limit", "24",
+                 "--output", str(tmp_path / "teacher.safetensors"), *cache]) == 0
+    capsys.readouterr()
+    study = ["study", "gain", "--recipe", "lightnn-kd", "--teacher", str(tmp_path / "teacher.safetensors"),
+             "--data", data, "--epochs", "1", "--validation", "9", "--seeds", "0", "1",
+             "--output", str(tmp_path / "gain"), *cache]
+    assert main(study) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "gain" / "results.json").read_text())
+    assert [(row["variant"], row["seed"]) for row in rows] == [("CE twin", 0), ("CE twin", 1), ("KD", 0), ("KD", 1)]
+    assert all(row["split"] == "validation" and row["config"]["validation"] == 9 for row in rows)
+    assert rows[0]["loss_weights"] == {"ce": 1.0} and rows[2]["loss_weights"] == {"ce": 0.25, "kd": 0.75}
+    for row in rows:  # each checkpoint was scored on the 9 held-out training images, and says so
+        meta = read_metadata(tmp_path / "gain" / row["checkpoint"])
+        assert meta["metrics"]["evaluated_on"] == "validation" and "test_top1" not in meta["metrics"]
+        assert meta["metrics"]["validation_top1"] == row["top1"]
+        assert meta["data"]["train_size"] == 48 - 9 and meta["data"]["validation_size"] == 9
+    ce = {row["seed"]: row["top1"] for row in rows if row["variant"] == "CE twin"}
+    kd = {row["seed"]: row["top1"] for row in rows if row["variant"] == "KD"}
+    differences = [kd[seed] - ce[seed] for seed in (0, 1)]
+    mean = sum(differences) / 2
+    half = 12.706 * statistics.stdev(differences) / 2 ** 0.5  # Student's t, 1 degree of freedom
+    gain_line = next(line for line in out.splitlines() if line.startswith("| 0, 1 |"))
+    assert f"**{mean:+.2f}**" in gain_line and f"[{mean - half:+.2f}, {mean + half:+.2f}]" in gain_line
+    assert gain_line.endswith("| validation |")
+    assert "scored on 9 training images held out" in out.splitlines()[0]

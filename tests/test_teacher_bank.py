@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import synthetic_bundle
+from helpers import synthetic_bundle
 from kd_core import models
 from kd_core.cam import class_activation_map
 from kd_core.data import AugmentConfig, normalize

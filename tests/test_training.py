@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from conftest import synthetic_bundle
 from kd_core import models
 from kd_core.data import AugmentConfig
 from kd_core.training import Callback, NonFiniteLoss, TrainConfig, Trainer, freeze

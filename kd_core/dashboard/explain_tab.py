@@ -2,7 +2,6 @@
 figures and rows, so ``app.py`` stays a layout plus a few lines per handler."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import plotly.graph_objects as go
@@ -49,6 +48,7 @@ def explanation_summary(explanation: Explanation) -> dict[str, Any]:
             "models": [{"name": model.name, "arch": model.arch, "predicted": model.predicted_class,
                         "probabilities": [float(p) for p in model.probabilities],
                         "top_k": [[name, float(p)] for name, p in model.top_k],
+                        "explained_class": model.target_class,
                         "cam_shape": list(model.cam.shape) if model.cam is not None else None,
                         "overlay_shape": list(model.overlay.shape) if model.overlay is not None else None,
                         "note": model.note}

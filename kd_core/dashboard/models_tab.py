@@ -3,7 +3,9 @@ charts, per-class accuracy, the confusion matrix and the images a student gets w
 teacher is right. Figures are plotly; numbers come from checkpoint metadata."""
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,11 @@ import plotly.graph_objects as go
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import LoadedCheckpoint, list_checkpoints
+from ..checkpoint import LoadedCheckpoint, file_sha256, list_checkpoints
 from ..evaluation import student_mistakes as find_student_mistakes
 
-TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)", "method",
-                 "teacher", "train (min)", "CPU latency b1 (ms)"]
+TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)",
+                 "CAM corr. with teacher", "method", "teacher", "train (min)", "CPU latency b1 (ms)"]
 
 
 def checkpoint_rows(directory: str | Path) -> list[dict[str, Any]]:
@@ -31,6 +33,7 @@ def checkpoint_rows(directory: str | Path) -> list[dict[str, Any]]:
             "name": entry["name"], "arch": meta["arch"], "role": meta.get("role", ""),
             "params": metrics.get("params"), "MACs (M)": round(metrics.get("macs", 0) / 1e6, 1),
             "size (MB)": round(entry["file_size"] / 1e6, 2), "test top-1 (%)": metrics.get("test_top1"),
+            "CAM corr. with teacher": metrics.get("cam_correlation_mean"),
             "method": meta.get("method", ""), "teacher": (meta.get("teacher") or {}).get("name", ""),
             "train (min)": round(meta.get("train_seconds", 0) / 60, 1),
             "CPU latency b1 (ms)": round(metrics["latency_ms_batch1"], 2) if "latency_ms_batch1" in metrics else None,
@@ -90,27 +93,42 @@ def confusion_chart(meta: dict[str, Any]) -> go.Figure:
     return figure
 
 
-def load_sample(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The shipped test-image sample: uint8 images ``(N, C, H, W)``, labels, class names."""
-    with safe_open(str(path), "pt") as handle:
+@dataclass(frozen=True)
+class Sample:
+    """A fixed sample of test images the Models tab draws a student's mistakes from."""
+    images: torch.Tensor   # (N, C, H, W) uint8
+    labels: torch.Tensor   # (N,)
+    classes: list[str]
+    sha256: str            # of the file: which sample recorded predictions were made on
+
+
+@functools.lru_cache(maxsize=4)
+def _read_sample(path: str, mtime_ns: int, size: int) -> Sample:
+    with safe_open(path, "pt") as handle:
         classes = json.loads(handle.metadata()["classes"])
-        return handle.get_tensor("images"), handle.get_tensor("labels"), classes
+        images, labels = handle.get_tensor("images"), handle.get_tensor("labels")
+    return Sample(images, labels, classes, file_sha256(path))
 
 
-def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, images: torch.Tensor,
-                     labels: torch.Tensor, classes: list[str],
+def load_sample(path: str | Path) -> Sample:
+    """The shipped test-image sample, read once per version of the file."""
+    status = Path(path).stat()
+    return _read_sample(str(path), status.st_mtime_ns, status.st_size)
+
+
+def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, sample: Sample,
                      limit: int = 24) -> tuple[list[tuple[np.ndarray, str]], int]:
-    """A gallery of the images the teacher classifies correctly and the student does not: the
-    first ``limit``, enlarged, with captions, and how many there are in all."""
-    if student.classes != classes or teacher.classes != classes:
+    """A gallery of the sample images the teacher classifies correctly and the student does not:
+    the first ``limit``, enlarged, with captions, and how many there are in all."""
+    if student.classes != sample.classes or teacher.classes != sample.classes:
         return [], 0
-    chosen, student_predictions = find_student_mistakes(student, teacher, images, labels)
+    chosen, student_predictions = find_student_mistakes(student, teacher, sample.images, sample.labels, sample.sha256)
     gallery = []
     for index in chosen[:limit].tolist():
-        picture = images[index].permute(1, 2, 0).numpy()  # (H, W, C)
+        picture = sample.images[index].permute(1, 2, 0).numpy()  # (H, W, C)
         picture = np.repeat(picture, 4, axis=0).repeat(4, axis=1)  # 32x32 is too small to see
         if picture.shape[2] == 1:
             picture = np.repeat(picture, 3, axis=2)
-        caption = (f"true {classes[labels[index]]}; student says {classes[student_predictions[index]]}")
+        caption = f"true {sample.classes[sample.labels[index]]}; student says {sample.classes[student_predictions[index]]}"
         gallery.append((picture, caption))
     return gallery, len(chosen)

@@ -34,6 +34,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 CACHE_FORMAT = 1
 
 
+HOLDOUT_SEED = 0  # one validation split for every run, whatever its training seed
+
+
 class DataError(ValueError):
     """A data source that does not exist or cannot be read; the message says which and why."""
 
@@ -54,19 +57,45 @@ class Split:
         index = torch.randperm(len(self), generator=generator)[:limit]
         return Split(self.images[index], self.labels[index])
 
+    def holdout(self, count: int, seed: int = HOLDOUT_SEED) -> tuple["Split", "Split", torch.Tensor]:
+        """``(rest, held_out, held_out_index)``: ``count`` samples drawn per class in proportion
+        (stratified, the same for every run with this seed) and the others, disjoint."""
+        if not 0 < count < len(self):
+            raise ValueError(f"a validation split of {count} images needs 1 to {len(self) - 1} of the "
+                             f"{len(self)} training images")
+        generator = torch.Generator().manual_seed(seed)
+        classes = torch.unique(self.labels)
+        chosen = []
+        for position, label in enumerate(classes.tolist()):
+            members = torch.nonzero(self.labels == label)[:, 0]
+            share = round(count * (position + 1) / len(classes)) - round(count * position / len(classes))
+            chosen.append(members[torch.randperm(len(members), generator=generator)[:share]])
+        held = torch.cat(chosen).sort().values
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        return Split(self.images[keep], self.labels[keep]), Split(self.images[held], self.labels[held]), held
+
 
 @dataclass
 class DataBundle:
     source: str
     train: Split
-    test: Split
+    test: Split                    # the split a run is evaluated on: the test split, or a validation split
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    evaluated_on: str = "test"     # test | validation (held out of train/, see with_validation)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # (C, H, W)
+
+    def with_validation(self, count: int) -> "DataBundle":
+        """This bundle with ``count`` training images held out (stratified, fixed seed) as the split
+        it is evaluated on; normalization statistics from the images it still trains on."""
+        rest, held_out, _ = self.train.holdout(count)
+        mean, std = channel_stats(rest.images)
+        return DataBundle(self.source, rest, held_out, self.classes, mean, std, evaluated_on="validation")
 
     def describe(self) -> dict:
         channels, height, width = self.input_shape

@@ -5,7 +5,13 @@
 - ``ablation``: the CAM-KD paper's table for a distillation recipe: cross-entropy only, KD, CAM
   alignment, KD + CAM, KD + feature matching; same recipe, data order and seed;
 - ``temperature``: the recipe's KD objective at each temperature given;
-- ``seeds``: the recipe unchanged, once per seed.
+- ``seeds``: the recipe unchanged, once per seed;
+- ``gain``: the recipe and its cross-entropy twin (the same run with the teacher's terms removed),
+  once per seed, and what distillation gains: their difference per seed with a 95% confidence
+  interval.
+
+With ``--validation N`` every run is scored on N training images held out of its training set,
+for choosing a method; without it, on the test split. Each row records which.
 
 Every variant x seed is one ordinary run (:func:`kd_core.run.run`) writing its checkpoint into the
 study folder; finished runs are recorded in ``results.json`` there and skipped when the command is
@@ -28,7 +34,7 @@ from ..training import Callback, TrainConfig
 from ..training.config import changed_settings
 from .recipes import Recipe, saved_config, trained_architecture
 
-KINDS = ("ablation", "temperature", "seeds")
+KINDS = ("ablation", "temperature", "seeds", "gain")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,10 @@ def variants_for(kind: str, config: TrainConfig, temperatures: Iterable[float] =
         return temperature_variants(config, temperatures)
     if kind == "seeds":
         return [Variant("recipe", config)]
+    if kind == "gain":
+        if not set(config.loss_weights) - {"ce"}:
+            raise ValueError("a gain study needs a recipe that distils (an objective beyond cross-entropy)")
+        return [Variant("CE twin", replace(config, loss_weights={"ce": 1.0})), Variant("KD", config)]
     raise ValueError(f"unknown study {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -100,11 +110,12 @@ def summarize(rows: list[dict], title: str) -> str:
     for row in rows:
         if row["variant"] not in order:
             order.append(row["variant"])
-    lines = [f"**{title}**", "", "| variant | objective | T | seeds | test top-1 (%) | runs | training min/run |",
-             "|---|---|---|---|---|---|---|"]
+    splits = sorted({row.get("split", "test") for row in rows}) or ["test"]
+    lines = [f"**{title}**", "", f"| variant | objective | T | seeds | {' / '.join(splits)} top-1 (%) | runs | "
+             "training min/run |", "|---|---|---|---|---|---|---|"]
     for label in order:
         group = [row for row in rows if row["variant"] == label]
-        accuracies = [row["test_top1"] for row in group]
+        accuracies = [top1(row) for row in group]
         mean = statistics.fmean(accuracies)
         spread = f" ± {statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
         standardized = group[0].get("config", {}).get("kd_standardize", False)  # z-scored logits
@@ -116,6 +127,46 @@ def summarize(rows: list[dict], title: str) -> str:
                      f"| {label} | {objective} | - |")
         lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread} | "
                       f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def top1(row: dict) -> float:
+    """A results row's top-1 on its split (rows written before splits were recorded say test_top1)."""
+    return row["top1"] if "top1" in row else row["test_top1"]
+
+
+# Student's t, two-sided 95%, by degrees of freedom (beyond 30: the normal's 1.96)
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def gain_summary(rows: list[dict], title: str) -> str:
+    """Markdown: CE twin and KD (mean ± sd over seeds), and KD - CE paired by seed with its 95%
+    confidence interval (Student's t over the per-seed differences)."""
+    ce = {row["seed"]: row for row in rows if row["variant"] == "CE twin"}
+    kd = {row["seed"]: row for row in rows if row["variant"] == "KD"}
+    seeds = sorted(set(ce) & set(kd))
+    splits = sorted({row.get("split", "test") for row in rows}) or ["test"]
+
+    def spread(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+    lines = [f"**{title}**", "", f"| seeds | CE twin top-1 (%) | KD top-1 (%) | KD - CE (points) | 95% CI | "
+             f"CE / KD min/run | split |", "|---|---|---|---|---|---|---|"]
+    if not seeds:
+        return "\n".join(lines + ["| - | - | - | - | - | - | - |"])
+    differences = [top1(kd[seed]) - top1(ce[seed]) for seed in seeds]
+    mean = statistics.fmean(differences)
+    if len(differences) > 1:
+        half = _T95[min(len(differences) - 1, len(_T95)) - 1] * statistics.stdev(differences) / len(differences) ** 0.5
+        interval = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+    else:
+        interval = "n/a (one seed)"
+    minutes = "/".join(f"{statistics.fmean(group[seed]['train_seconds'] for seed in seeds) / 60:.1f}" for group in (ce, kd))
+    lines.append(f"| {', '.join(map(str, seeds))} | {spread([top1(ce[s]) for s in seeds])} | "
+                 f"{spread([top1(kd[s]) for s in seeds])} | **{mean:+.2f}** | {interval} | {minutes} | "
+                 f"{' / '.join(splits)} |")
     return "\n".join(lines)
 
 
@@ -167,7 +218,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     rows = load_results(results_path)
     teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
-             + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}")
+             + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}"
+             + (f", scored on {config.validation:,} training images held out" if config.validation else ""))
 
     labels = {variant.label for variant in variants}
 
@@ -175,7 +227,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
         chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seeds]
         recorded = {(row["variant"], row["seed"]) for row in chosen}
         pending = [f"{v.label} (seed {seed})" for v in variants for seed in seeds if (v.label, seed) not in recorded]
-        summary = summarize(chosen, title + (f"; not yet run: {', '.join(pending)}" if pending else ""))
+        full_title = title + (f"; not yet run: {', '.join(pending)}" if pending else "")
+        summary = summarize(chosen, full_title)
+        if kind == "gain":
+            summary = gain_summary(chosen, full_title) + "\n\n" + summary
         write_atomically(folder / "results.md", (summary + "\n").encode())
         return summary
 
@@ -198,12 +253,13 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             found = matching_checkpoint(reusable, recipe, wanted, data, teacher if distils else None, run_teacher)
             if found:
                 path, meta = found
-                rows.append(_row(variant.label, run_config, meta["metrics"]["test_top1"], meta["train_seconds"], path,
-                                 run_teacher))
+                split = meta["metrics"].get("evaluated_on", "test")
+                rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
+                                 path, run_teacher, split))
                 save_results(results_path, rows)
                 write_summary()
                 log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
-                    f"{meta['metrics']['test_top1']:.2f}%")
+                    f"{meta['metrics'][f'{split}_top1']:.2f}%")
                 continue
             spec = recipe.run_spec({**changed_settings(wanted, recipe.config.to_json()), "device": run_config.device},
                                    teacher=Path(teacher) if distils else None, data=data, name=name,
@@ -213,18 +269,20 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             result, path = run(spec, callbacks=callbacks())
             if path is None:
                 raise KeyboardInterrupt
-            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher))
+            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
+                             result.evaluated_on))
             save_results(results_path, rows)
             write_summary()
-            log(f"  {variant.label}, seed {seed}: test top-1 {result.test_top1:.2f}%")
+            log(f"  {variant.label}, seed {seed}: {result.evaluated_on} top-1 {result.test_top1:.2f}%")
     return write_summary()
 
 
-def _row(label: str, config: TrainConfig, test_top1: float, train_seconds: float, checkpoint: Path,
-         teacher_sha256: str | None) -> dict:
+def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
+         teacher_sha256: str | None, split: str = "test") -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
-    rows distilled from a retrained teacher are never mixed into the same table."""
+    rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
+    what ``top1`` was measured on (test, or a validation split held out of train/)."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
-            "temperature": config.temperature, "test_top1": round(test_top1, 2),
+            "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
             "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256}

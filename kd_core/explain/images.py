@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import os
 import urllib.parse
@@ -28,7 +27,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +38,11 @@ NOT_UPLOADED = "the image must be uploaded through this page (or sent as a data:
 MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB; anything larger is refused
 DISPLAY_MAX_SIDE = 1024
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "AVIF", "QOI")
+
+# Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make it an error, once,
+# for the process (changing the warnings filter per call is not thread-safe). Our own ``max_pixels``
+# check, from the header, refuses such images anyway.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 # What Pillow raises on damaged data: OSError ("image file is truncated", "broken data stream"),
 # SyntaxError (bad chunks, "not a PNG file"), and a few plugins' struct/zlib/EOF/value errors.
@@ -156,9 +160,11 @@ def _existing_file(path: Path) -> Path:
 def _open_and_decode(file: Path | io.BytesIO, label: str, max_pixels: int,
                      max_side: int | None) -> Image.Image:
     try:
-        with _bomb_warnings_as_errors():
-            opened = Image.open(file, formats=FORMATS)
+        opened = Image.open(file, formats=FORMATS)
     except UnidentifiedImageError:
+        if _starts_like_tiff(file):
+            raise ImageError(f"{label} is a TIFF file that cannot be read (a compression, bit depth or page "
+                             "layout the decoder does not support); save it as PNG or JPEG") from None
         raise ImageError(f"{label} is not an image in a supported format "
                          f"({', '.join(FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -167,6 +173,15 @@ def _open_and_decode(file: Path | io.BytesIO, label: str, max_pixels: int,
         raise ImageError(f"{label} is damaged or not a complete image ({error})") from None
     with opened:
         return _decode(opened, label, max_pixels, max_side)
+
+
+def _starts_like_tiff(file: Path | io.BytesIO) -> bool:
+    if isinstance(file, io.BytesIO):
+        head = file.getvalue()[:4]
+    else:
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+    return head in (b"II*\x00", b"MM\x00*")
 
 
 def _decode(image: Image.Image, label: str, max_pixels: int, max_side: int | None) -> Image.Image:
@@ -180,8 +195,7 @@ def _decode(image: Image.Image, label: str, max_pixels: int, max_side: int | Non
     if max_side is not None and image.format in ("JPEG", "MPO"):
         image.draft(None, (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale when that is enough
     try:
-        with _bomb_warnings_as_errors():
-            image.load()
+        image.load()
     except _DECODE_ERRORS as error:
         raise ImageError(f"{label} is truncated or corrupt and cannot be decoded ({error})") from None
     return _to_rgb(_upright(image), label)
@@ -255,12 +269,3 @@ def _shrink(image: Image.Image, max_side: int | None) -> Image.Image:
     if max_side is not None and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
     return image
-
-
-@contextlib.contextmanager
-def _bomb_warnings_as_errors() -> Iterator[None]:
-    """Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make it an error.
-    (Our own ``max_pixels`` check refuses such images anyway once the header is read.)"""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield

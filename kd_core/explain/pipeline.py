@@ -36,6 +36,7 @@ class ModelExplanation:
     cam: np.ndarray | None  # (H, W) float32 in [0, 1], the model's input resolution
     overlay: np.ndarray | None  # (h, w, 3) uint8, the heatmap over the displayed image
     note: str = ""
+    target_class: str | None = None  # the name of ``target``
 
 
 @dataclass
@@ -157,4 +158,4 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
         name=checkpoint.name, arch=checkpoint.meta["arch"], logits=logits.numpy(), probabilities=probabilities,
         top_k=[(classes[index], float(probabilities[index])) for index in order],
         predicted=predicted, predicted_class=classes[predicted], target=explained,
-        cam=cam, overlay=overlay, note=note)
+        cam=cam, overlay=overlay, note=note, target_class=None if explained is None else classes[explained])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..data.sources import default_cache_dir
 from .spec import JobSpec, default_name, validate_spec
 from .store import JobStore
 
 TERM_GRACE_SECONDS = 1.5      # after SIGTERM, before SIGKILL
 RESUMABLE = ("interrupted", "cancelled", "failed")
+FINISHED = ("completed", "failed", "cancelled")  # what the retention setting may clean up
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding kd_core/, for the workers' imports
 
 
@@ -59,11 +62,16 @@ def _group_exists(pgid: int) -> bool:
 class JobManager:
     def __init__(self, runs_dir: str | Path = "runs", checkpoints_dir: str | Path = "checkpoints",
                  max_concurrent: int = 1, *, env: Mapping[str, str] | None = None,
-                 data_sources: Sequence[str] | None = None, heartbeat_timeout: float = 60.0):
+                 data_sources: Sequence[str] | None = None, heartbeat_timeout: float = 60.0,
+                 max_active: int | None = None, max_active_per_owner: int | None = None,
+                 retention_seconds: float | None = None):
         """``env``: extra environment for the workers (``KD_CACHE_DIR``, ``OMP_NUM_THREADS``...).
         ``data_sources``: when given, the only data sources a job may use (a public server should
         offer a fixed list rather than any folder on its disk). ``heartbeat_timeout``: a running
-        job whose worker has not written for this long counts as gone even if its pid lives."""
+        job whose worker has not written for this long counts as gone even if its pid lives.
+        ``max_active`` / ``max_active_per_owner``: queued and running jobs allowed in all and per
+        owner (None: no limit). ``retention_seconds``: finished jobs older than this lose their
+        checkpoint and run folder, and teacher banks unused for as long are deleted (None: kept)."""
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self.store = JobStore(runs_dir)
@@ -72,6 +80,8 @@ class JobManager:
         self.env = dict(env or {})
         self.data_sources = list(data_sources) if data_sources is not None else None
         self.heartbeat_timeout = heartbeat_timeout
+        self.max_active, self.max_active_per_owner = max_active, max_active_per_owner
+        self.retention_seconds = retention_seconds
         self._children: dict[int, subprocess.Popen] = {}
         self._lock = threading.RLock()   # the app's timer and request handlers run in threads
 
@@ -97,7 +107,7 @@ class JobManager:
 
     # -- changing ---------------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+    def submit(self, spec: JobSpec | Mapping[str, Any], owner: str | None = None) -> dict[str, Any]:
         """Check ``spec`` completely, queue it, start it if a slot is free; the new job.
 
         Raises ``ValueError`` whose message starts with the offending field. The checkpoint name
@@ -107,15 +117,24 @@ class JobManager:
         spec = validate_spec(spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec), self.checkpoints_dir,
                              self.data_sources)
         taken = {path.stem for path in self.checkpoints_dir.glob("*.safetensors")}
-        job_id = self.store.create(spec.to_dict(), spec.name or default_name(spec), taken)
+        job_id = self.store.create(spec.to_dict(), spec.name or default_name(spec), taken, owner=owner,
+                                   max_active=self.max_active, max_active_per_owner=self.max_active_per_owner)
         self.tick()
         return self.get_job(job_id)
 
-    def cancel(self, job_id: int) -> dict[str, Any]:
+    def _require_owner(self, job_id: int, owner: str | None, action: str) -> dict[str, Any]:
+        """The job, when ``owner`` may change it: it launched it, or it is the operator (``None``)."""
+        job = self._require(job_id)
+        if owner is not None and job.get("owner") != owner:
+            raise ValueError(f"job {job_id} was launched by another session; only that session can {action} it")
+        return job
+
+    def cancel(self, job_id: int, owner: str | None = None) -> dict[str, Any]:
         """Cancel a queued, running or interrupted job; a running worker's process group gets
-        SIGTERM, then SIGKILL after 1.5 s. Returns the job (finished jobs are returned unchanged)."""
+        SIGTERM, then SIGKILL after 1.5 s. Returns the job (finished jobs are returned unchanged).
+        ``owner``: who asks (None: the operator, who may cancel any job)."""
         with self._lock:
-            self._require(job_id)
+            self._require_owner(job_id, owner, "cancel")
             if self._mark_cancelled(job_id, ("queued", "interrupted")):
                 return self.get_job(job_id)
             if self.store.update(job_id, only_if=("running",), cancel_requested=1, message="cancelling"):
@@ -128,11 +147,11 @@ class JobManager:
     def _mark_cancelled(self, job_id: int, states: tuple[str, ...]) -> bool:
         return self.store.update(job_id, only_if=states, state="cancelled", finished=time.time(), message="cancelled")
 
-    def resume(self, job_id: int) -> dict[str, Any]:
+    def resume(self, job_id: int, owner: str | None = None) -> dict[str, Any]:
         """Queue an interrupted, cancelled or failed job again; it continues from its last finished
-        epoch (same run folder, same settings). Returns the job."""
+        epoch (same run folder, same settings). Returns the job. ``owner`` as for :meth:`cancel`."""
         with self._lock:
-            job = self._require(job_id)
+            job = self._require_owner(job_id, owner, "resume")
             if not self.store.update(job_id, only_if=RESUMABLE, state="queued", cancel_requested=0, error=None,
                                      finished=None, message="queued to resume"):
                 raise ValueError(f"job {job_id} is {job['state']}; only {', '.join(RESUMABLE)} jobs can be resumed")
@@ -145,11 +164,31 @@ class JobManager:
         with self._lock:
             self._reap()
             self._sweep("the worker process ended without reporting")
+            if self.retention_seconds is not None:
+                self._expire(time.time() - self.retention_seconds)
             started = []
             while (job := self.store.claim_next(self.max_concurrent)) is not None:
                 self._launch(job)
                 started.append(job["id"])
             return started
+
+    def _expire(self, before: float) -> None:
+        """Delete what finished jobs older than ``before`` left (their checkpoint, if still theirs,
+        and run folder, then the job itself) and teacher banks unused since (a bank's file time is
+        its last use); nothing of a queued, running or resumable job."""
+        for job in self.store.list_jobs(FINISHED):
+            if job["finished"] is None or job["finished"] >= before:
+                continue
+            checkpoint = self.checkpoints_dir / f"{job['name']}.safetensors"
+            if job["state"] == "completed" and checkpoint.is_file():
+                checkpoint.unlink(missing_ok=True)
+            shutil.rmtree(self.store.run_dir(job["id"]), ignore_errors=True)
+            self.store.delete(job["id"], only_if=FINISHED)
+        banks = Path(self.env.get("KD_CACHE_DIR") or default_cache_dir()) / "teacher-banks"
+        if banks.is_dir() and not self.store.list_jobs(("running",)):  # a running job may be reading one
+            for bank in banks.glob("*.safetensors"):
+                if bank.stat().st_mtime < before:
+                    bank.unlink(missing_ok=True)
 
     def recover(self) -> list[int]:
         """At server start: jobs marked running whose worker is gone become interrupted (resumable).

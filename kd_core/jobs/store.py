@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     checkpoint TEXT,
     test_top1 REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    heartbeat REAL
+    heartbeat REAL,
+    owner TEXT                           -- who launched it: only they (or an operator) may cancel or resume it
 );
 CREATE TABLE IF NOT EXISTS metrics (
     job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -84,6 +85,9 @@ class JobStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # a store made before jobs had owners
+                connection.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def run_dir(self, job_id: int) -> Path:
         """Resumable state and the worker's log of one job."""
@@ -154,10 +158,23 @@ class JobStore:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def create(self, spec: dict[str, Any], base_name: str, taken: Iterable[str] = ()) -> int:
+    def create(self, spec: dict[str, Any], base_name: str, taken: Iterable[str] = (), owner: str | None = None,
+               max_active: int | None = None, max_active_per_owner: int | None = None) -> int:
         """Queue a job under ``base_name``, or ``base_name-2``, ``-3``... when that name is used by
-        another job or listed in ``taken`` (existing checkpoints)."""
+        another job or listed in ``taken`` (existing checkpoints). Refused (``ValueError``) when
+        ``max_active`` jobs, or ``max_active_per_owner`` of this owner's, are already queued or
+        running: counted and inserted in one transaction, so two launches cannot both slip in."""
         with self.transaction() as connection:
+            active = "state IN ('queued', 'running')"
+            if max_active is not None and connection.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE {active}").fetchone()[0] >= max_active:
+                raise ValueError(f"the server already has {max_active} jobs queued or running; "
+                                 "launch again when one has finished")
+            if max_active_per_owner is not None and connection.execute(
+                    f"SELECT COUNT(*) FROM jobs WHERE {active} AND owner IS ?", (owner,)).fetchone()[0] \
+                    >= max_active_per_owner:
+                raise ValueError(f"you already have {max_active_per_owner} jobs queued or running; "
+                                 "wait for one to finish or cancel one")
             used = {row[0] for row in connection.execute("SELECT name FROM jobs WHERE name = ? OR name LIKE ?",
                                                          (base_name, base_name + "-%"))}
             used |= set(taken)
@@ -166,10 +183,17 @@ class JobStore:
                 number += 1
                 name = f"{base_name}-{number}"
             cursor = connection.execute(
-                "INSERT INTO jobs (name, created, state, spec, epochs, message) "
-                "VALUES (?, ?, 'queued', ?, ?, 'queued')",
-                (name, time.time(), json.dumps(spec), spec["epochs"]))
+                "INSERT INTO jobs (name, created, state, spec, epochs, message, owner) "
+                "VALUES (?, ?, 'queued', ?, ?, 'queued', ?)",
+                (name, time.time(), json.dumps(spec), spec["epochs"], owner))
             return cursor.lastrowid
+
+    def delete(self, job_id: int, only_if: tuple[str, ...]) -> bool:
+        """Remove a job with its metrics and loss curve if it is in one of the states ``only_if``."""
+        marks = ", ".join("?" * len(only_if))
+        with self.transaction() as connection:
+            return connection.execute(f"DELETE FROM jobs WHERE id = ? AND state IN ({marks})",
+                                      (job_id, *only_if)).rowcount == 1
 
     def update(self, job_id: int, only_if: tuple[str, ...] = STATES, **fields: Any) -> bool:
         """Set ``fields`` if the job is in one of the states ``only_if``; returns whether it was."""

@@ -22,6 +22,11 @@ def feature_shape(model: Classifier, input_shape: tuple[int, int, int]) -> tuple
     return shape
 
 
+def needs_teacher(weights: dict[str, float]) -> bool:
+    """Whether an objective with these weights has a term that reads the teacher's outputs."""
+    return any(LOSSES.get(name).needs_teacher for name, weight in weights.items() if weight > 0)
+
+
 def build_objective(weights: dict[str, float], student: Classifier, teacher: Classifier | None,
                     input_shape: tuple[int, int, int], options: dict[str, dict[str, Any]] | None = None) -> Objective:
     """Make the weighted objective. Terms with weight 0 are left out; a negative weight is an error."""
@@ -44,4 +49,4 @@ def build_objective(weights: dict[str, float], student: Classifier, teacher: Cla
 
 
 __all__ = ["LOSSES", "LossContext", "LossTerm", "ModelOutput", "Objective", "StepOutputs",
-           "build_objective", "feature_shape"]
+           "build_objective", "feature_shape", "needs_teacher"]

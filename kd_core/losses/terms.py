@@ -64,6 +64,51 @@ class SoftTargetKD(LossTerm):
         return {"loss": kl * temperature**2}
 
 
+@LOSSES.register("dkd")
+class DecoupledKD(LossTerm):
+    """Decoupled KD (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022): Hinton's KD split
+    into a target-class term, TCKD = KL(b_t || b_s) over the binary (label, not label)
+    probabilities, and a non-target term, NCKD = KL(q_t || q_s) over the softmax of the other
+    classes, weighted independently: ``alpha * TCKD + beta * NCKD``, each times ``T^2``.
+
+    Plain KD weights NCKD by ``1 - p_t(label)``, which is small exactly where the teacher is
+    confident; DKD gives the "dark knowledge" among wrong classes a weight of its own.
+    """
+
+    needs_teacher_features = False
+
+    def __init__(self, context: LossContext | None = None, temperature: float = 4.0, alpha: float = 1.0,
+                 beta: float = 8.0):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"DKD weights must not be negative, got alpha {alpha}, beta {beta}")
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+
+    def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
+        temperature = self.temperature
+        student = outputs.student.logits.float() / temperature                # (B, K)
+        teacher = outputs.teacher.logits.float() / temperature
+        target = F.one_hot(outputs.labels, student.shape[1]).bool()            # (B, K)
+
+        def binary(logits: torch.Tensor) -> torch.Tensor:
+            """log of (p(label), 1 - p(label)), computed stably from logits: (B, 2)."""
+            log_probs = F.log_softmax(logits, dim=1)
+            label = log_probs[target]                                          # (B,)
+            others = torch.logsumexp(log_probs.masked_fill(target, float("-inf")), dim=1)
+            return torch.stack([label, others], dim=1)
+
+        def non_target(logits: torch.Tensor) -> torch.Tensor:
+            return F.log_softmax(logits.masked_fill(target, float("-inf")), dim=1).masked_fill(target, 0.0)
+
+        tckd = F.kl_div(binary(student), binary(teacher), log_target=True, reduction="batchmean")
+        teacher_rest = non_target(teacher)
+        nckd = (teacher_rest.exp() * (teacher_rest - non_target(student))).sum(1).mean()
+        scale = temperature**2
+        return {"loss": scale * (self.alpha * tckd + self.beta * nckd), "tckd": scale * tckd, "nckd": scale * nckd}
+
+
 def _match_spatial(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring two ``(B, C, H, W)`` maps to one spatial size: ``pool`` shrinks the larger map to the
     smaller one's size (adaptive average pooling); ``resize`` resizes the student to the teacher."""

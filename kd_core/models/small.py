@@ -2,7 +2,6 @@
 LightNN, an MLP student, and the "tiny titans" CNN."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import Classifier, GapLinearClassifier, GapLinearHead

@@ -32,13 +32,17 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     limit: int | None = None        # train on a random subset of this many images
-    eval_every: int = 1             # evaluate on the test split every this many epochs (0: only at the end)
+    eval_every: int = 1             # evaluate every this many epochs (0: only at the end)
+    validation: int = 0             # hold this many training images out (stratified, fixed) and evaluate on
+                                    # them instead of the test split: for choosing methods and settings
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # the objective: weights per loss term (see kd_core.losses) and their options
     loss_weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
     temperature: float = 4.0
     kd_standardize: bool = False    # KD between z-scored logits (logit standardization, Sun et al. 2024)
+    dkd_alpha: float = 1.0          # decoupled KD: weight of the target-class term (Zhao et al. 2022)
+    dkd_beta: float = 8.0           # decoupled KD: weight of the non-target-class term
     cam_target: str = "teacher"     # teacher | label
     cam_distance: str = "l1"        # l1 | mse
     feature_spatial: str = "pool"   # pool | resize
@@ -63,6 +67,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.eval_every >= 0, f"eval interval must not be negative, got {self.eval_every}"),
+            (self.validation >= 0, f"validation must not be negative, got {self.validation}"),
             (self.teacher_views >= 0, f"teacher views must not be negative, got {self.teacher_views}"),
             (not self.mirror_views or self.teacher_views > 0, "mirrored views need a teacher bank (teacher views > 0)"),
             (self.temperature > 0, f"temperature T must be positive, got {self.temperature}"),
@@ -81,6 +86,7 @@ class TrainConfig:
 
     def loss_options(self) -> dict[str, dict[str, Any]]:
         return {"ce": {"label_smoothing": self.label_smoothing}, "kd": {"temperature": self.temperature, "standardize": self.kd_standardize},
+                "dkd": {"temperature": self.temperature, "alpha": self.dkd_alpha, "beta": self.dkd_beta},
                 "cam": {"target": self.cam_target, "distance": self.cam_distance},
                 "feature": {"spatial": self.feature_spatial}}
 
@@ -102,8 +108,10 @@ class TrainConfig:
 
 def complete_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """Training settings saved as JSON (a checkpoint's or a resumable run's), with every setting
-    newer than the save read as its default: what that run trained with."""
-    return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
+    newer than the save read as its default: what that run trained with. Settings since removed
+    (they held their no-op defaults in every saved run: docs/experiments.md) are dropped."""
+    defaults = TrainConfig().to_json()
+    return {**defaults, **{name: value for name, value in saved.items() if name in defaults}}
 
 
 # -- overriding single settings ----------------------------------------------------------------------
@@ -196,6 +204,7 @@ def flat_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
     complete = complete_config(dict(saved))
     flat = {name: value for name, value in complete.items() if name != "augment"}
     augment = {**json.loads(json.dumps(asdict(AugmentConfig()))), **complete.get("augment", {})}
+    augment = {name: value for name, value in augment.items() if name in AugmentConfig.__dataclass_fields__}
     flat.update({f"augment.{name}": value for name, value in augment.items()})
     return flat
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,8 @@ from .callbacks import Callback, EpochInfo, StepInfo
 from .config import TrainConfig, changed_settings
 from .schedule import lr_factor
 from .state import load_state, read_state_info, save_state
-from .teacher_bank import (BankLoader, TeacherTargets, bank_key, build_bank, check_augment, check_feature_size,
-                           load_or_build_bank)
+from .targets import BankedTeacher, LiveTeacher, teacher_targets
+from .teacher_bank import TeacherTargets
 
 
 def freeze(teacher: Classifier) -> Classifier:
@@ -45,6 +43,7 @@ class TrainResult:
     bank_seconds: float = 0.0             # building the teacher bank, in this run or, when reused, the run that
                                           # cached it (0: no bank, or a cached one without that record)
     bank_reused: bool = False             # the bank came from the cache
+    evaluated_on: str = "test"            # what test_top1 was measured on: test, or a validation split
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,9 +51,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
+    """One training loop for teachers, baselines and students.
+
+    :meth:`fit` runs :meth:`train_one_epoch` and :meth:`evaluate` per epoch (as torchvision's
+    references do), saves resumable state after each, and reports through callbacks. The
+    teacher's outputs come from ``targets`` (:mod:`.targets`: the live teacher or a teacher bank),
+    by default chosen from the configuration by :func:`~.targets.teacher_targets`.
+    """
+
     def __init__(self, model: Classifier, data: DataBundle, config: TrainConfig,
                  teacher: Classifier | None = None, callbacks: Iterable[Callback] = (),
-                 state_path: str | Path | None = None, bank_dir: str | Path | None = None):
+                 state_path: str | Path | None = None, bank_dir: str | Path | None = None,
+                 targets: LiveTeacher | None = None):
         """``bank_dir``: where teacher banks are kept for reuse (``config.teacher_views > 0``);
         None keeps them in memory only."""
         self.config = config.validate()
@@ -65,7 +73,6 @@ class Trainer:
         self.data = data
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.teacher = freeze(teacher.to(self.device, memory_format=self.memory_format)) if teacher else None
-        self.teacher_sha256 = weights_sha256(self.teacher) if self.teacher is not None else None
         self.objective = build_objective(config.loss_weights, self.model, self.teacher, data.input_shape,
                                          config.loss_options()).to(self.device)
         self.train_split = data.train.subset(config.limit, seed=config.seed)
@@ -73,10 +80,13 @@ class Trainer:
         self.train_loader = BatchLoader(self.train_split, config.batch_size, data.mean, data.std, shuffle=True,
                                         augment=config.augment, drop_last=drop_last, device=self.device,
                                         seed=config.seed, channels_last=config.channels_last)
-        self.uses_bank = self.teacher is not None and config.teacher_views > 0 and self.objective.needs_teacher
-        if self.uses_bank:
-            self._check_bank_usable()
-        self.bank_dir = bank_dir
+        self.targets = targets if targets is not None else teacher_targets(
+            self.teacher, config, self.objective.needs_teacher, bank_dir)
+        if isinstance(self.targets, BankedTeacher):
+            self.targets.check(self)
+        # the teacher's weights, so a resumed run refuses a retrained teacher
+        self.teacher_sha256 = self.targets.sha256 if self.targets else (weights_sha256(self.teacher)
+                                                                         if self.teacher is not None else None)
         self.optimizer = self._build_optimizer()
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if config.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -85,7 +95,7 @@ class Trainer:
         self.start_epoch, self.train_seconds, self.history = 0, 0.0, []
         self.global_step = 0
         self.stop_requested = False
-        self.bank_seconds, self.bank_reused = 0.0, False
+        self._prepared = False
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -106,37 +116,6 @@ class Trainer:
         optimizer_class = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
         return optimizer_class(groups, lr=config.lr)
 
-    def _check_bank_usable(self) -> None:
-        check_augment(self.config.augment)
-        if self.objective.needs_teacher_features:
-            check_feature_size(self.teacher, self.train_split, self.config.teacher_views)
-
-    def _use_bank(self) -> None:
-        """Build (or load) the teacher bank and train on its views from now on. A stop asked for
-        during the build abandons it (the training loop then stops before its first step)."""
-        config = self.config
-        # maps are kept whenever the teacher has them, so runs with and without the CAM term share a bank
-        cam_target = config.cam_target if self.teacher.cam_layer is not None else None
-        # feature maps only for terms that read them: they make a bank many times larger
-        features = bool(self.objective.needs_teacher_features)
-        key = bank_key(self.teacher_sha256, self.train_split, config.augment, config.teacher_views,
-                       cam_target, config.seed, features)
-
-        def build():
-            return build_bank(self.teacher, self.train_split, self.data.mean, self.data.std, config.augment,
-                              config.teacher_views, cam_target, seed=config.seed, features=features,
-                              device=self.device, channels_last=config.channels_last, autocast=self._autocast,
-                              progress=lambda done, total: self._emit("on_bank_progress", done, total),
-                              should_stop=lambda: self.stop_requested)
-
-        bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
-        if bank is None:
-            return
-        self.bank_seconds, self.bank_reused = bank.build_seconds or 0.0, bank.reused
-        self.train_loader = BankLoader(self.train_split, bank, config.batch_size, self.data.mean, self.data.std,
-                                       drop_last=self.train_loader.drop_last, device=self.device, seed=config.seed,
-                                       channels_last=config.channels_last, mirror=config.mirror_views)
-
     def _maybe_init_from_data(self) -> None:
         init = getattr(self.model, "init_from_data", None)
         if init is not None:
@@ -144,7 +123,7 @@ class Trainer:
             from ..data import normalize
             init(normalize(sample, self.data.mean, self.data.std).to(self.device))
 
-    def _autocast(self):
+    def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -190,7 +169,7 @@ class Trainer:
         """Finish the current step, then return; the last finished epoch stays resumable."""
         self.stop_requested = True
 
-    def _emit(self, event: str, *args) -> None:
+    def emit(self, event: str, *args) -> None:
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
 
@@ -204,17 +183,10 @@ class Trainer:
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
                     banked: TeacherTargets | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        with self._autocast():
+        with self.autocast():
             features = self.model.forward_features(images)         # (B, C, H, W)
             logits = self.model.forward_head(features)             # (B, K)
-            teacher_output = None
-            if banked is not None:
-                teacher_output = ModelOutput(banked.features, banked.logits, self.teacher, banked.cams)
-            elif self.teacher is not None and self.objective.needs_teacher:
-                with torch.no_grad():
-                    teacher_features = self.teacher.forward_features(images)
-                    teacher_output = ModelOutput(teacher_features, self.teacher.forward_head(teacher_features),
-                                                 self.teacher)
+            teacher_output = self.targets.outputs(images, banked) if self.targets else None
             losses = self.objective(StepOutputs(ModelOutput(features, logits, self.model), teacher_output, labels))
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLoss(f"the loss became {losses['loss'].item()} at step {self.global_step}; "
@@ -236,61 +208,74 @@ class Trainer:
     def evaluation_model(self) -> Classifier:
         return self.ema if self.ema is not None else self.model
 
-    def _test_metrics(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
+        """Test top-1 and loss of the model being trained (its EMA when on), under autocast."""
         logits = predict(self.evaluation_model(), self.data.test.images, self.data.mean, self.data.std,
                          device=self.device, amp_dtype=self.amp_dtype)
         labels = self.data.test.labels
         return {"test_top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
                 "test_loss": torch.nn.functional.cross_entropy(logits, labels).item()}
 
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        """One pass over the training split; its mean losses and training top-1, or None when a stop
+        was asked for during it (the epoch then does not count)."""
+        self.model.train()
+        self.objective.train()
+        steps_per_epoch = len(self.train_loader)
+        sums: dict[str, float] = {}
+        correct = seen = 0
+        for step, (images, labels, *banked) in enumerate(self.train_loader):
+            lr = self._set_lr()
+            losses, logits = self._train_step(images, labels, *banked)
+            self.global_step += 1
+            if self.ema is not None:
+                self._update_ema()
+            values = {name: value.item() for name, value in losses.items()}
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            self.emit("on_step_end", StepInfo(epoch, step, steps_per_epoch, self.global_step, lr, values))
+            if self.stop_requested:
+                return None
+        metrics = {name: total / seen for name, total in sums.items()}
+        metrics["train_top1"] = 100.0 * correct / seen
+        return metrics
+
+    def prepare(self) -> bool:
+        """Ready the teacher's outputs (a bank is built or loaded here), once; False when a stop
+        asked for meanwhile abandoned it."""
+        if not self._prepared and self.targets is not None:
+            self._prepared = self.targets.prepare(self)
+            return self._prepared
+        return True
+
     def fit(self, resume: bool = True) -> TrainResult:
-        if self.uses_bank and not isinstance(self.train_loader, BankLoader):
-            self._use_bank()
+        self.prepare()
         if not (resume and self.resume()):
             self._maybe_init_from_data()
             if self.ema is not None:
                 self.ema.load_state_dict(self.model.state_dict())
-        self._emit("on_train_start")
-        steps_per_epoch = len(self.train_loader)
-        epoch = self.start_epoch
+        self.emit("on_train_start")
         for epoch in range(self.start_epoch, self.config.epochs):
             if self.stop_requested:  # asked between epochs (e.g. in on_epoch_end): train no more steps
                 break
             started = time.perf_counter()
-            self.model.train()
-            self.objective.train()
-            sums: dict[str, float] = {}
-            correct = seen = 0
-            for step, (images, labels, *banked) in enumerate(self.train_loader):
-                lr = self._set_lr()
-                losses, logits = self._train_step(images, labels, *banked)
-                self.global_step += 1
-                if self.ema is not None:
-                    self._update_ema()
-                values = {name: value.item() for name, value in losses.items()}
-                for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + value * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += len(labels)
-                self._emit("on_step_end", StepInfo(epoch, step, steps_per_epoch, self.global_step, lr, values))
-                if self.stop_requested:
-                    break
-            if self.stop_requested:
+            train_metrics = self.train_one_epoch(epoch)
+            if train_metrics is None:
                 break
-            train_metrics = {name: total / seen for name, total in sums.items()}
-            train_metrics["train_top1"] = 100.0 * correct / seen
             last = epoch == self.config.epochs - 1
             evaluate_now = last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0)
-            test_metrics = self._test_metrics() if evaluate_now else {}
+            test_metrics = self.evaluate() if evaluate_now else {}
             self.train_seconds += time.perf_counter() - started
             info = EpochInfo(epoch, self.config.epochs, train_metrics, test_metrics, time.perf_counter() - started)
             self.history.append(info)
             if self.state_path is not None:
                 self._save_state(epoch)
-            self._emit("on_epoch_end", info)
-        self._emit("on_train_end")
-        done = len(self.history)
+            self.emit("on_epoch_end", info)
+        self.emit("on_train_end")
         last_test = self.history[-1].test.get("test_top1") if self.history else None
+        bank_seconds, bank_reused = (self.targets.bank_seconds, self.targets.bank_reused) if self.targets else (0.0, False)
         return TrainResult(self.evaluation_model(), self.history, last_test, self.train_seconds,
-                           stopped=self.stop_requested, epochs_done=done, bank_seconds=self.bank_seconds,
-                           bank_reused=self.bank_reused)
+                           stopped=self.stop_requested, epochs_done=len(self.history), bank_seconds=bank_seconds,
+                           bank_reused=bank_reused, evaluated_on=self.data.evaluated_on)

@@ -3,7 +3,6 @@ optimizer buffers and RNG states as tensors; epoch, history and optimizer groups
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 

@@ -203,6 +203,7 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
             with safe_open(path, "pt") as handle:  # one read: the tensors and the build time
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
                 seconds = (handle.metadata() or {}).get("build_seconds")
+            os.utime(path)  # the file's time is its last use: what a retention setting goes by
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
                                tensors.get("cams"), tensors.get("features"),
                                build_seconds=float(seconds) if seconds else None, reused=True)

@@ -288,7 +288,8 @@ def resume_job(job_id, token=None):
 
 # -- Layout --------------------------------------------------------------------------------------
 
-with gr.Blocks(title="KD Workbench") as demo:
+# delete_cache: every hour, Gradio removes uploads and outputs older than two hours
+with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
     gr.Markdown("# KD Workbench\nDistil a teacher into a small student and see where each one looks.")
     with gr.Tab("Explain"):
         with gr.Row():
@@ -428,7 +429,6 @@ def main() -> None:
     threading.Thread(target=schedule_jobs, args=(job_manager(),), name="job-scheduler", daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
         max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
-        delete_cache=(3600, 7200),  # every hour, remove uploads and outputs older than two hours
         theme=gr.themes.Soft(primary_hue="indigo"), css=ENLARGE_IMAGES_CSS)
 
 

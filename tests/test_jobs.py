@@ -232,3 +232,10 @@ def test_only_offered_data_sources_are_accepted(bench, tmp_path):
     manager = JobManager(tmp_path / "runs", bench.checkpoints, data_sources=["cifar10"])
     with pytest.raises(ValueError, match="data: .* not one of the offered"):
         manager.submit(job_spec(bench))
+
+
+def test_a_recipe_job_refuses_a_recipe_that_does_not_distil():
+    from kd_core.jobs.spec import JobSpec, base_recipe
+
+    with pytest.raises(ValueError, match=r"^recipe: 'airnet' is not a distillation recipe; choose one of"):
+        base_recipe(JobSpec(recipe="airnet", data="cifar10"))

@@ -322,7 +322,8 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                 with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
                     caption = gr.Markdown()
                     chart = gr.Plot(label="top-k")
-                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, height=260,
+                    # JPEG: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250
+                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, height=260, format="jpeg",
                                        elem_classes=["cam-panel"])
                 panel_outputs += [column, caption, chart, overlay]
         agreement = gr.Dataframe(headers=explain_tab.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",

@@ -17,6 +17,14 @@ times whole :func:`kd_core.explain.pipeline.explain` calls as the app makes them
 ``assets/examples/``), else a synthetic 1024 x 768 JPEG: the largest picture the Explain tab
 draws on (uploads are capped at 1024 pixels a side), so the worst case for decoding and overlays.
 
+    python -m kd_core.bench serve [--url URL | --checkpoints DIR] [--clients 16] [--calls 20] [--rounds 2]
+
+drives a served app through its API as concurrent clients would: each client explains a photo
+(``--image``, else the synthetic one) with the teacher and two students ``--calls`` times. Without
+``--url`` it starts ``python app.py`` on ``--checkpoints`` itself. It prints, per round, errors,
+median and 95th-percentile round trip, calls per second, and the server's memory growth
+(resident set size, read from /proc, when the server's pid is known: started here or ``--pid``).
+
 ``--threads`` limits torch and NumPy's BLAS (EigenCAM's SVD) alike. On a CPU shared with a
 training job use one: two threads then fight the trainer for the cores and a call can take five to
 ten times longer.
@@ -153,6 +161,117 @@ def _print_distill(args: argparse.Namespace, malloc: str) -> int:
     return 0
 
 
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _start_app(checkpoints: Path, port: int):
+    import os
+    import subprocess
+    import urllib.request
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KD_CHECKPOINTS": str(checkpoints.resolve()), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
+           "KD_RUNS": tempfile.mkdtemp(prefix="kd-bench-runs-")}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("app.py did not answer within 120 s")
+
+
+def bench_serve(url: str, image: Path, teacher: str, students: list[str], clients: int = 16, calls: int = 20,
+                rounds: int = 2, pid: int | None = None) -> list[dict[str, float]]:
+    """Rounds of ``clients`` concurrent API clients making ``calls`` explain calls each; per round
+    the errors, median and p95 round trip (ms), calls per second and the server's RSS growth."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    pool = [Client(url, verbose=False) for _ in range(clients)]
+    for client in pool[:1]:  # warm-up: models loaded, code paths taken once
+        client.predict(handle_file(str(image)), teacher, students, "gradcam", "each model's own prediction",
+                       5, 0.5, api_name="/explain")
+    results = []
+    start_rss = _rss_bytes(pid) if pid else None
+    for _ in range(rounds):
+        def work(client) -> tuple[list[float], int]:
+            times, errors = [], 0
+            for _ in range(calls):
+                started = time.perf_counter()
+                try:
+                    client.predict(handle_file(str(image)), teacher, students, "gradcam",
+                                   "each model's own prediction", 5, 0.5, api_name="/explain")
+                    times.append(1000 * (time.perf_counter() - started))
+                except Exception:  # an error is counted, not raised: the point is how many
+                    errors += 1
+            return times, errors
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as executor:
+            outcomes = list(executor.map(work, pool))
+        elapsed = time.perf_counter() - started
+        times = [value for outcome in outcomes for value in outcome[0]]
+        rss = _rss_bytes(pid) if pid else None
+        results.append({"calls": clients * calls, "errors": sum(outcome[1] for outcome in outcomes),
+                        "median_ms": float(np.median(times)) if times else float("nan"),
+                        "p95_ms": float(np.percentile(times, 95)) if times else float("nan"),
+                        "calls_per_second": len(times) / elapsed,
+                        "rss_growth_mb": None if rss is None or start_rss is None else (rss - start_rss) / 1e6})
+    return results
+
+
+def _print_serve(args) -> int:
+    import socket
+
+    image = args.image
+    with tempfile.TemporaryDirectory() as scratch:
+        if image is None:
+            image = Path(scratch) / "synthetic.jpg"
+            synthetic_photo().save(image, quality=90)
+        process, url, pid = None, args.url, args.pid
+        if url is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            process, url = _start_app(args.checkpoints, port)
+            pid = process.pid
+        try:
+            idle = bench_serve(url, image, args.teacher, args.students, clients=1, calls=args.calls, rounds=1, pid=pid)
+            loaded = bench_serve(url, image, args.teacher, args.students, args.clients, args.calls, args.rounds, pid)
+        finally:
+            if process is not None:
+                import os
+                import signal
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    print(f"explain {args.teacher} + {' + '.join(args.students)} through {url} ({Image.open(image).size[0]}x"
+          f"{Image.open(image).size[1]} image)")
+    for label, rows in (("1 client (idle server)", idle), (f"{args.clients} clients", loaded)):
+        for number, row in enumerate(rows, 1):
+            growth = "n/a" if row["rss_growth_mb"] is None else f"{row['rss_growth_mb']:+.0f} MB"
+            print(f"  {label}, round {number}: {row['calls']} calls, {row['errors']} errors, median "
+                  f"{row['median_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, {row['calls_per_second']:.1f} calls/s, "
+                  f"server memory {growth}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_core.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,8 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=30, help="timed calls (default 30)")
     bench.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
     bench.add_argument("--image", type=Path, help="image file (default: a synthetic 1024 x 768 photo)")
+    serve = commands.add_parser("serve", help="explain round trips through a served app under concurrent clients")
+    serve.add_argument("--url", help="a running app (default: start python app.py on --checkpoints)")
+    serve.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="checkpoint folder to serve")
+    serve.add_argument("--pid", type=int, help="the running app's pid, to report its memory growth")
+    serve.add_argument("--teacher", default="airnet")
+    serve.add_argument("--students", nargs="+", default=["camnet-kd-cam", "camnet-ce"])
+    serve.add_argument("--clients", type=int, default=16)
+    serve.add_argument("--calls", type=int, default=20, help="calls per client per round")
+    serve.add_argument("--rounds", type=int, default=2)
+    serve.add_argument("--image", type=Path, help="image file (default: a synthetic 1024 x 768 photo)")
     args = parser.parse_args(argv)
 
+    if args.command == "serve":
+        return _print_serve(args)
     torch.set_num_threads(args.threads)
     if args.command == "distill":
         tuned = not args.system_malloc and reuse_freed_memory()

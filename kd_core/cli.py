@@ -248,7 +248,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import agreement, cam_agreement, classification_report, predict
     from .profile import count_macs, count_parameters, measure_latency, measure_peak_memory
 
-    reports = []
+    reports, teachers = [], {}
     for path in args.checkpoints:
         checkpoint = load_checkpoint(path)
         source = args.data or checkpoint.meta["data"]["source"]
@@ -266,8 +266,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if teacher_path is None and recorded and (path.parent / recorded["file"]).exists():
             teacher_path = path.parent / recorded["file"]
         if teacher_path is not None:
-            teacher = load_checkpoint(teacher_path)
-            teacher_logits = predict(teacher.model, data.test.images, teacher.mean, teacher.std)
+            key = (Path(teacher_path).resolve(), source)
+            if key not in teachers:  # one teacher pass for all its students
+                teacher = load_checkpoint(teacher_path)
+                teachers[key] = teacher, predict(teacher.model, data.test.images, teacher.mean, teacher.std)
+            teacher, teacher_logits = teachers[key]
             report["teacher"] = str(teacher_path)
             report.update(agreement(logits, teacher_logits))
             report.update(cam_agreement(checkpoint.model, teacher.model, data.test.images,
@@ -326,6 +329,8 @@ def _record(path: Path, report: dict) -> None:
             "peak_memory_bytes_batch256", "top1_agreement", "kl_teacher_student", "cam_correlation_mean",
             "cam_correlation_median", "cam_top_region_iou_mean")
     metrics = {("test_top5" if key == "top5" else key): report[key] for key in keys if key in report}
+    if "teacher" in report:  # what the agreement figures compare with
+        metrics["agreement_teacher"] = Path(report["teacher"]).stem
     if "latency_ms_batch1" in metrics:
         import torch
         metrics["latency_device"] = f"cpu, {torch.get_num_threads()} threads"

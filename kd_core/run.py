@@ -114,7 +114,7 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         **({"trained_as": trained_as} if trained_as else {}),
         "data": {"source": spec.data, "classes": data.classes, "input_size": list(data.input_shape),
                  "mean": list(data.mean), "std": list(data.std), "train_size": len(trainer.train_split),
-                 f"{split}_size": len(data.test)},
+                 f"{split}_size": len(data.test), **({"split": data.split} if data.split else {})},
         "method": method_name(spec.config.loss_weights),
         "recipe": spec.recipe,
         "config": spec.config.to_dict(),

@@ -361,3 +361,43 @@ def test_validation_split_is_stratified_fixed_and_disjoint_from_training():
     assert torch.equal(validation.test.images, held.images)
     with pytest.raises(ValueError, match="validation split of 300 images needs 1 to 299"):
         split.holdout(300)
+
+
+def test_digits_is_scikit_learns_bundled_set_with_a_fixed_stratified_split():
+    from sklearn.datasets import load_digits
+
+    first, again = load_data("digits"), load_data("digits")
+    assert first.input_shape == (1, 8, 8) and first.classes == [str(digit) for digit in range(10)]
+    assert len(first.train) + len(first.test) == 1797 and len(first.test) == 359
+    assert torch.bincount(first.test.labels).tolist() == [36] * 5 + [35] + [36] * 4    # every class, evenly
+    assert torch.equal(first.test.images, again.test.images)                         # the same split every time
+    raw = load_digits()
+    assert first.train.images.max() == 255 and first.train.images.dtype == torch.uint8
+    pixels = {tuple(image.flatten().tolist()) for image in torch.cat([first.train.images, first.test.images])}
+    assert tuple((raw.images[0] * 255 / 16).round().astype("uint8").flatten().tolist()) in pixels
+    assert "stratified 1438 train / 359 test" in first.split
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's IDX file format: magic (0, 0, dtype 0x08 = ubyte, dimensions), big-endian sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_loads_through_torchvision_from_files_in_its_own_format(tmp_path):
+    """What a user online gets: torchvision's MNIST reader over the IDX files it downloads, here
+    written by hand into the cache folder, so the download itself is skipped."""
+    raw = tmp_path / "downloads" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    train_images, test_images = generator.integers(0, 256, (20, 28, 28)), generator.integers(0, 256, (10, 28, 28))
+    train_labels, test_labels = np.arange(20) % 10, np.arange(10)
+    write_idx(raw / "train-images-idx3-ubyte", train_images)
+    write_idx(raw / "train-labels-idx1-ubyte", train_labels)
+    write_idx(raw / "t10k-images-idx3-ubyte", test_images)
+    write_idx(raw / "t10k-labels-idx1-ubyte", test_labels)
+    bundle = load_data("mnist", cache_dir=tmp_path)
+    assert bundle.input_shape == (1, 28, 28) and len(bundle.train) == 20 and len(bundle.test) == 10
+    assert torch.equal(bundle.train.images[:, 0], torch.from_numpy(train_images.astype(np.uint8)))
+    assert bundle.test.labels.tolist() == test_labels.tolist()
+    assert bundle.classes[0].startswith("0")

@@ -256,3 +256,18 @@ def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():
             torch.testing.assert_close(folded, block(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="padding 0 or 1"):
         RepConv3x3(4, 5, padding=2)
+
+
+@pytest.mark.parametrize("translate", [False, True])
+def test_batched_test_time_augmentation_equals_the_view_by_view_mean(translate):
+    from kd_core.models.base import batched_tta, mirror_mean, shifted_mirror_mean
+
+    torch.manual_seed(0)
+    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True, translate_tta=translate).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = (shifted_mirror_mean if translate else mirror_mean)(model.single_pass, x)
+        torch.testing.assert_close(batched_tta(model.single_pass, x, translate), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)  # a small batch takes the batched path
+        big = torch.randn(40, 3, 32, 32)                                        # a large one the view-by-view path
+        torch.testing.assert_close(model(big), (shifted_mirror_mean if translate else mirror_mean)(model.single_pass, big))

@@ -53,13 +53,15 @@ def test_temperature_variants():
 
 def test_summary_mean_and_sample_std():
     rows = [{"variant": "KD", "seed": s, "loss_weights": {"ce": 0.25, "kd": 0.75}, "temperature": 4.0,
-             "test_top1": a, "train_seconds": 120.0} for s, a in [(0, 70.0), (1, 72.0), (2, 74.0)]]
+             "top1": a, "split": "test", "train_seconds": 120.0, "cam_correlation": c}
+            for s, a, c in [(0, 70.0, 0.5), (1, 72.0, 0.6), (2, 74.0, 0.7)]]
     rows.append({"variant": "CE only", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0,
-                 "test_top1": 65.5, "train_seconds": 60.0})
+                 "test_top1": 65.5, "train_seconds": 60.0})  # a row written before splits and CAMs were recorded
     table = summarize(rows, "title").splitlines()
     assert table[0] == "**title**"
-    assert table[4] == "| KD | 0.25·ce + 0.75·kd | 4 | 0, 1, 2 | **72.00** ± 2.00 | 70.00, 72.00, 74.00 | 2.0 |"
-    assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 |"
+    assert table[2].startswith("| variant | objective | T | seeds | test top-1 (%) |")
+    assert table[4] == "| KD | 0.25·ce + 0.75·kd | 4 | 0, 1, 2 | **72.00** ± 2.00 | 70.00, 72.00, 74.00 | 2.0 | 0.600 |"
+    assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 | - |"
     rows = [{**rows[0], "variant": "KD (z)", "config": {"kd_standardize": True}}]
     assert summarize(rows, "title").splitlines()[4].startswith("| KD (z) | 0.25·ce + 0.75·kd (z-scored) | 4 | 0 |")
 
@@ -224,6 +226,7 @@ def test_gain_study_scores_the_recipe_and_its_ce_twin_on_a_validation_split(caps
     rows = json.loads((tmp_path / "gain" / "results.json").read_text())
     assert [(row["variant"], row["seed"]) for row in rows] == [("CE twin", 0), ("CE twin", 1), ("KD", 0), ("KD", 1)]
     assert all(row["split"] == "validation" and row["config"]["validation"] == 9 for row in rows)
+    assert all(-1 <= row["cam_correlation"] <= 1 for row in rows)  # both variants measured against the teacher
     assert rows[0]["loss_weights"] == {"ce": 1.0} and rows[2]["loss_weights"] == {"ce": 0.25, "kd": 0.75}
     for row in rows:  # each checkpoint was scored on the 9 held-out training images, and says so
         meta = read_metadata(tmp_path / "gain" / row["checkpoint"])

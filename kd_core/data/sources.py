@@ -3,6 +3,8 @@
 A source string names where images come from:
 
 - ``cifar10`` / ``mnist``: torchvision's data sets, downloaded to the cache folder when online;
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 grayscale images, offline),
+  split 80/20 per class with a fixed seed;
 - ``folder:PATH``: an image-folder tree ``PATH/{train,test|val}/<class>/<image>``, or a
   ``.tar.gz``/``.tgz`` of one.
 
@@ -85,6 +87,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     evaluated_on: str = "test"     # test | validation (held out of train/, see with_validation)
+    split: str = ""                # how a source that ships no split of its own was split (digits)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -113,6 +116,8 @@ def load_data(source: str, cache_dir: str | os.PathLike | None = None, image_siz
     """Load a source (see module docstring) as in-memory tensors, decoding only on the first call."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     kind, path = parse_source(source)
+    if kind == "digits":
+        return _digits()  # 1,797 images bundled with scikit-learn: decoded in milliseconds, never cached
     if path is None:
         key = f"{kind}-{image_size}"
         return _cached(cache_dir, source, key, lambda: _torchvision(kind, cache_dir, download, image_size))
@@ -123,16 +128,18 @@ def load_data(source: str, cache_dir: str | os.PathLike | None = None, image_siz
 
 
 TORCHVISION_SOURCES = ("cifar10", "mnist")
+BUILTIN_SOURCES = (*TORCHVISION_SOURCES, "digits")
+DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
 
 
 def parse_source(source: object) -> tuple[str, Path | None]:
     """The data-source grammar, in one place: ``cifar10`` / ``mnist`` -> ``(name, None)``;
     ``folder:PATH`` -> ``("folder", PATH)``; anything else raises :class:`DataError`."""
-    if isinstance(source, str) and source in TORCHVISION_SOURCES:
+    if isinstance(source, str) and source in BUILTIN_SOURCES:
         return source, None
     if isinstance(source, str) and source.startswith("folder:") and len(source) > len("folder:"):
         return "folder", Path(source[len("folder:"):]).expanduser()
-    raise DataError(f"unknown data source {source!r}; use {', '.join(TORCHVISION_SOURCES)} or folder:PATH")
+    raise DataError(f"unknown data source {source!r}; use {', '.join(BUILTIN_SOURCES)} or folder:PATH")
 
 
 def _cached(cache_dir: Path, source: str, key: str, build) -> DataBundle:
@@ -304,6 +311,23 @@ def _decode_split(items: list[tuple[str, object]], classes: list[str], image_siz
 
 # ---------------------------------------------------------------------------------------------
 # torchvision data sets (need internet the first time)
+
+
+def _digits() -> DataBundle:
+    """scikit-learn's handwritten digits (UCI optdigits: 8x8, 17 grey levels) as uint8 images and a
+    fixed stratified split, the same on every machine."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))[:, None]   # (N, 1, 8, 8)
+    everything = Split(images.contiguous(), torch.as_tensor(digits.target, dtype=torch.int64))
+    count = round(DIGITS_TEST_FRACTION * len(everything))
+    train, test, _ = everything.holdout(count, seed=DIGITS_SPLIT_SEED)
+    bundle = _bundle(train, test, [str(digit) for digit in range(10)])
+    bundle.source = "digits"
+    bundle.split = (f"stratified {len(train)} train / {len(test)} test of scikit-learn's 1,797 digits "
+                    f"(seed {DIGITS_SPLIT_SEED})")
+    return bundle
 
 
 def _torchvision(name: str, cache_dir: Path, download: bool, image_size: int | None) -> DataBundle:

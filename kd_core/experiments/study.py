@@ -112,7 +112,7 @@ def summarize(rows: list[dict], title: str) -> str:
             order.append(row["variant"])
     splits = sorted({row.get("split", "test") for row in rows}) or ["test"]
     lines = [f"**{title}**", "", f"| variant | objective | T | seeds | {' / '.join(splits)} top-1 (%) | runs | "
-             "training min/run |", "|---|---|---|---|---|---|---|"]
+             "training min/run | CAM corr. with teacher |", "|---|---|---|---|---|---|---|---|"]
     for label in order:
         group = [row for row in rows if row["variant"] == label]
         accuracies = [top1(row) for row in group]
@@ -126,8 +126,14 @@ def summarize(rows: list[dict], title: str) -> str:
         lines.append(f"| {label} | {objective} | {group[0]['temperature']:g} |" if uses_kd else
                      f"| {label} | {objective} | - |")
         lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread} | "
-                      f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} |")
+                      f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} | {_cam_text(group)} |")
     return "\n".join(lines)
+
+
+def _cam_text(group: list[dict]) -> str:
+    """Mean over a variant's runs of their mean CAM correlation with the teacher (``-`` unmeasured)."""
+    values = [row["cam_correlation"] for row in group if row.get("cam_correlation") is not None]
+    return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
 def top1(row: dict) -> float:
@@ -153,9 +159,9 @@ def gain_summary(rows: list[dict], title: str) -> str:
         return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
     lines = [f"**{title}**", "", f"| seeds | CE twin top-1 (%) | KD top-1 (%) | KD - CE (points) | 95% CI | "
-             f"CE / KD min/run | split |", "|---|---|---|---|---|---|---|"]
+             f"CE / KD min/run | CAM corr. with teacher (CE / KD) | split |", "|---|---|---|---|---|---|---|---|"]
     if not seeds:
-        return "\n".join(lines + ["| - | - | - | - | - | - | - |"])
+        return "\n".join(lines + ["| - | - | - | - | - | - | - | - |"])
     differences = [top1(kd[seed]) - top1(ce[seed]) for seed in seeds]
     mean = statistics.fmean(differences)
     if len(differences) > 1:
@@ -166,7 +172,7 @@ def gain_summary(rows: list[dict], title: str) -> str:
     minutes = "/".join(f"{statistics.fmean(group[seed]['train_seconds'] for seed in seeds) / 60:.1f}" for group in (ce, kd))
     lines.append(f"| {', '.join(map(str, seeds))} | {spread([top1(ce[s]) for s in seeds])} | "
                  f"{spread([top1(kd[s]) for s in seeds])} | **{mean:+.2f}** | {interval} | {minutes} | "
-                 f"{' / '.join(splits)} |")
+                 f"{_cam_text([ce[s] for s in seeds])} / {_cam_text([kd[s] for s in seeds])} | {' / '.join(splits)} |")
     return "\n".join(lines)
 
 
@@ -270,19 +276,39 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if path is None:
                 raise KeyboardInterrupt
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                             result.evaluated_on))
+                             result.evaluated_on,
+                             _teacher_cam_agreement(path, teacher, data, run_config, cache_dir) if teacher else None))
             save_results(results_path, rows)
             write_summary()
             log(f"  {variant.label}, seed {seed}: {result.evaluated_on} top-1 {result.test_top1:.2f}%")
     return write_summary()
 
 
+def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: TrainConfig,
+                           cache_dir: Path | None) -> float | None:
+    """Mean correlation of a run's CAMs with the study's teacher's, on the split it was scored on
+    (also for runs that did not distil: that is what CAM alignment is measured against)."""
+    from ..data import load_data
+    from ..evaluation import cam_agreement
+
+    if not Path(teacher).exists():
+        return None
+    bundle = load_data(data, cache_dir=cache_dir)
+    if config.validation:
+        bundle = bundle.with_validation(config.validation)
+    student, master = load_checkpoint(checkpoint), load_checkpoint(teacher)
+    agreement = cam_agreement(student.model, master.model, bundle.test.images, (student.mean, student.std),
+                              (master.mean, master.std))
+    return None if agreement is None else agreement["cam_correlation_mean"]
+
+
 def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
-         teacher_sha256: str | None, split: str = "test") -> dict:
+         teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None) -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
     what ``top1`` was measured on (test, or a validation split held out of train/)."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
             "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
-            "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256}
+            "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256,
+            "cam_correlation": cam_correlation}

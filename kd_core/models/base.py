@@ -30,6 +30,24 @@ def shifted_mirror_mean(single_pass, x: torch.Tensor) -> torch.Tensor:
                                                        mirror_mean(single_pass, down_right))
 
 
+BATCHED_TTA_MAX = 64  # views of a few images (an upload being explained) go through the net as one batch
+
+
+def batched_tta(single_pass, x: torch.Tensor, translate: bool) -> torch.Tensor:
+    """What :func:`mirror_mean` or :func:`shifted_mirror_mean` compute, with every view of ``x``
+    ``(B, C, H, W)`` in one batch: one pass rather than two or six, for small ``B`` (in eval mode a
+    sample's logits do not depend on its batch)."""
+    views, weights = [x, x.flip(-1)], [0.5, 0.5]
+    if translate:
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
+        views += [up_left, up_left.flip(-1), down_right, down_right.flip(-1)]
+        weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    logits = single_pass(torch.cat(views)).view(len(views), len(x), -1)             # (V, B, K)
+    return (logits * torch.tensor(weights, dtype=logits.dtype, device=logits.device).view(-1, 1, 1)).sum(0)
+
+
 class Classifier(nn.Module):
     cam_layer: str | None = "features"  # None: no spatial map, so no CAM (e.g. an MLP)
     flip_tta: bool = False       # eval-mode forward averages the mirror image (set_tta)
@@ -55,6 +73,8 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.flip_tta:
             return self.single_pass(x)
+        if len(x) * (6 if self.translate_tta else 2) <= BATCHED_TTA_MAX:  # a few images: one pass over all views
+            return batched_tta(self.single_pass, x, self.translate_tta)
         return (shifted_mirror_mean if self.translate_tta else mirror_mean)(self.single_pass, x)
 
     def linear_cam_weight(self) -> torch.Tensor | None:

@@ -24,7 +24,8 @@ class EpochInfo:
     epoch: int            # 0-based epoch just finished
     epochs: int
     train: dict[str, float]          # mean losses and train accuracy over the epoch
-    test: dict[str, float] = field(default_factory=dict)  # test_top1, test_loss when evaluated
+    test: dict[str, float] = field(default_factory=dict)  # test_top1, test_loss when evaluated (on the
+                                                          # validation split when the run holds one out)
     seconds: float = 0.0
 
 
@@ -68,7 +69,8 @@ class TqdmProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        test = f" test_top1 {info.test['test_top1']:.2f}%" if "test_top1" in info.test else ""
+        split = trainer.data.evaluated_on  # test, or a validation split held out of train/
+        test = f" {split}_top1 {info.test['test_top1']:.2f}%" if "test_top1" in info.test else ""
         print(f"epoch {info.epoch + 1}/{info.epochs}: loss {info.train['loss']:.4f} "
               f"train_top1 {info.train['train_top1']:.2f}%{test} ({info.seconds:.0f} s)", file=self.stream, flush=True)
 

@@ -123,8 +123,9 @@ def test_explain_teacher_and_students(zoo, photo):
         assert entry.cam.shape == (side, side) and 0 <= entry.cam.min() and entry.cam.max() <= 1
         assert entry.overlay.shape == (90, 140, 3) and entry.overlay.dtype == np.uint8
         assert entry.target == entry.predicted
-    assert mlp.cam is None and mlp.overlay is None and mlp.target is None
-    assert "no CAM for this architecture" in mlp.note
+    assert mlp.map_kind == "saliency" and mlp.cam.shape == (16, 16) and mlp.overlay.shape == (90, 140, 3)
+    assert mlp.target == mlp.predicted and "input-gradient saliency, not a CAM" in mlp.note
+    assert [entry.map_kind for entry in (teacher, lightnn, gray)] == ["cam"] * 3
     assert [agreement.student for agreement in result.agreements] == ["lightnn", "mlp", "camnet_gray"]
     lightnn_agreement, mlp_agreement, _ = result.agreements
     p, q = teacher.probabilities, lightnn.probabilities
@@ -227,7 +228,8 @@ def outcome(name: str, probabilities: list[float], cam: np.ndarray | None = None
     predicted = int(np.argmax(probabilities))
     return ModelExplanation(name=name, arch="camnet", logits=logits, probabilities=np.array(probabilities),
                             top_k=[], predicted=predicted, predicted_class=str(predicted),
-                            target=None if cam is None else predicted, cam=cam, overlay=None)
+                            target=None if cam is None else predicted, cam=cam, overlay=None,
+                            map_kind=None if cam is None else "cam")
 
 
 def test_kl_divergence_values():
@@ -402,3 +404,18 @@ def test_sample_predictions_are_read_from_the_metadata_or_computed_once(tmp_path
     assert torch.equal(computed, real(checkpoint.model, images, checkpoint.mean, checkpoint.std).argmax(1))
     checkpoint.meta["sample_predictions"] = {"sample_sha256": "def", "predictions": [9, 8, 7, 6, 5, 4]}
     assert sample_predictions(checkpoint, images, "def").tolist() == [9, 8, 7, 6, 5, 4] and len(calls) == 1
+
+
+def test_input_saliency_lights_exactly_the_pixels_a_model_reads():
+    from kd_core.explain import input_saliency
+
+    model = models.create("mlp", num_classes=2, in_channels=1, input_size=4, hidden=(3,)).eval()
+    with torch.no_grad():
+        first = model.features[1]                       # Linear(16, 3) after Flatten
+        first.weight.zero_()
+        first.weight[:, 2 * 4 + 1] = torch.tensor([1.0, -2.0, 0.5])  # only pixel (row 2, column 1)
+        first.bias.fill_(1.0)                            # every ReLU open, so the gradient flows
+    saliency = input_saliency(model, torch.randn(1, 1, 4, 4), target=1)
+    expected = np.zeros((4, 4), dtype=np.float32)
+    expected[2, 1] = 1.0
+    np.testing.assert_array_equal(saliency, expected)

@@ -49,6 +49,7 @@ def explanation_summary(explanation: Explanation) -> dict[str, Any]:
                         "probabilities": [float(p) for p in model.probabilities],
                         "top_k": [[name, float(p)] for name, p in model.top_k],
                         "explained_class": model.target_class,
+                        "map": model.map_kind,
                         "cam_shape": list(model.cam.shape) if model.cam is not None else None,
                         "overlay_shape": list(model.overlay.shape) if model.overlay is not None else None,
                         "note": model.note}

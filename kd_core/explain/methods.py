@@ -68,6 +68,19 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 
 
+def input_saliency(model: nn.Module, input_tensor: torch.Tensor, target: int) -> np.ndarray:
+    """Simonyan et al. 2014's saliency for models with no spatial feature map (an MLP): the absolute
+    gradient of class ``target``'s score with respect to each input pixel, largest over channels,
+    scaled to [0, 1]: ``(H, W)`` float32 at the input's resolution."""
+    pixels = input_tensor.detach().clone().requires_grad_(True)             # (1, C, H, W)
+    with model_lock(model), torch.enable_grad():
+        score = model.single_pass(pixels)[0, target]
+        (gradient,) = torch.autograd.grad(score, pixels)
+    saliency = gradient[0].abs().amax(0)                                     # (H, W)
+    top = saliency.max()
+    return (saliency / top if top > 0 else saliency).numpy().astype(np.float32)
+
+
 def overlay_heatmap(image: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
     """The map ``(H, W)`` in [0, 1] upsampled (bilinear) to ``image`` ``(h, w, 3)`` uint8, coloured
     with the jet colour map and blended: ``opacity * heat + (1 - opacity) * image``."""

@@ -19,7 +19,7 @@ from PIL import Image
 from ..checkpoint import LoadedCheckpoint
 from ..evaluation import agreement
 from .images import DISPLAY_MAX_SIDE, load_image, to_model_input
-from .methods import CAM_METHODS, cam_methods, compute_cam, model_lock, overlay_heatmap
+from .methods import CAM_METHODS, cam_methods, compute_cam, input_saliency, model_lock, overlay_heatmap
 from .similarity import cam_correlation, same_size, top_region_iou
 
 
@@ -37,6 +37,7 @@ class ModelExplanation:
     overlay: np.ndarray | None  # (h, w, 3) uint8, the heatmap over the displayed image
     note: str = ""
     target_class: str | None = None  # the name of ``target``
+    map_kind: str | None = None  # "cam", or "saliency" (input gradients) for a model with no spatial map
 
 
 @dataclass
@@ -89,7 +90,7 @@ def explain(image: Any, checkpoints: Sequence[LoadedCheckpoint], method: str = "
 
 def compare(teacher: ModelExplanation, student: ModelExplanation) -> Agreement:
     correlation = iou = None
-    if teacher.cam is not None and student.cam is not None:
+    if teacher.map_kind == student.map_kind == "cam":  # a saliency map is not a CAM: not compared
         teacher_map, student_map = same_size(teacher.cam, student.cam)
         correlation = cam_correlation(teacher_map, student_map)
         iou = top_region_iou(teacher_map, student_map)
@@ -143,7 +144,10 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
     with model_lock(model), torch.no_grad():
         logits = model(input_tensor)[0]  # the model's own prediction, test-time augmentation included
     if model.cam_layer is None:
-        note = f"no CAM for this architecture: {checkpoint.meta['arch']} has no spatial feature map"
+        cam = input_saliency(model, input_tensor, int(logits.argmax()) if target is None else target)
+        overlay = overlay_heatmap(pixels, cam, opacity)
+        note = (f"input-gradient saliency, not a CAM: {checkpoint.meta['arch']} has no spatial feature map "
+                "(|d score / d pixel|, largest over channels)")
     else:
         _, cam = compute_cam(model, input_tensor, method, int(logits.argmax()) if target is None else target)
         overlay = overlay_heatmap(pixels, cam, opacity)
@@ -158,4 +162,5 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
         name=checkpoint.name, arch=checkpoint.meta["arch"], logits=logits.numpy(), probabilities=probabilities,
         top_k=[(classes[index], float(probabilities[index])) for index in order],
         predicted=predicted, predicted_class=classes[predicted], target=explained,
-        cam=cam, overlay=overlay, note=note, target_class=None if explained is None else classes[explained])
+        cam=cam, overlay=overlay, note=note, target_class=None if explained is None else classes[explained],
+        map_kind=None if cam is None else "saliency" if model.cam_layer is None else "cam")

@@ -104,9 +104,9 @@ def form_values(recipe: str | None) -> dict[str, Any]:
 
 def run_spec(spec: JobSpec, name: str, checkpoints_dir: Path, state_path: Path) -> RunSpec:
     """What :func:`kd_core.run.run` trains for a (validated) job: its recipe's ``run_spec``."""
-    return base_recipe(spec).run_spec(overrides(spec), arch=spec.student, teacher=teacher_path(spec.teacher, checkpoints_dir),
-                                      data=spec.data, name=name, output=checkpoints_dir / f"{name}{SUFFIX}",
-                                      state_path=state_path)
+    teacher = teacher_path(spec.teacher, checkpoints_dir)
+    return base_recipe(spec).run_spec(overrides(spec), arch=spec.student, teacher=teacher, data=spec.data, name=name,
+                                      output=checkpoints_dir / f"{name}{SUFFIX}", state_path=state_path)
 
 
 def _whole(name: str, value: Any, minimum: int) -> int:

@@ -62,7 +62,7 @@ TEACHERS_PREDICTION = "the teacher's prediction"
 def _data_sources() -> list[str]:
     if os.environ.get("KD_DATA_SOURCES"):
         return [source.strip() for source in os.environ["KD_DATA_SOURCES"].split(",") if source.strip()]
-    return ([f"folder:{SHARED_CIFAR}"] if SHARED_CIFAR.exists() else []) + ["cifar10"]
+    return ([f"folder:{SHARED_CIFAR}"] if SHARED_CIFAR.exists() else []) + ["cifar10", "digits"]
 
 
 DATA_SOURCES = _data_sources()
@@ -224,6 +224,17 @@ def launch_job(*form_and_token):
     return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"]), token
 
 
+def _offered(source: str) -> str:
+    """The offered data source that is ``source`` (a recipe names the shared CIFAR-10 copy by a
+    relative path), else the first one offered."""
+    for offered in DATA_SOURCES:
+        same_folder = offered.startswith("folder:") and source.startswith("folder:") and \
+            Path(offered[7:]).resolve() == (ROOT / source[7:]).resolve()
+        if offered == source or same_folder:
+            return offered
+    return DATA_SOURCES[0]
+
+
 def recipe_form(recipe):
     """The Distill form's values for a recipe (or none): what `distill --recipe` would train with."""
     try:
@@ -232,7 +243,7 @@ def recipe_form(recipe):
         raise gr.Error(str(error)) from None
     weights = values["weights"]
     teacher = values["teacher"] if values["teacher"] in checkpoint_names() else _default_teacher()
-    return (gr.update(value=teacher), gr.update(value=values["student"]),
+    return (gr.update(value=teacher), gr.update(value=values["student"]), gr.update(value=_offered(values["data"])),
             *(weights.get(term, 0) for term in ("ce", "kd", "feature", "cam")), values["temperature"], values["epochs"],
             values["lr"], values["batch_size"], values["seed"], values["limit"] or 0, values["teacher_views"])
 
@@ -397,8 +408,9 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
     launch.click(launch_job, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature, epochs, lr,
                               batch_size, seed, limit, teacher_views, job_name, job_recipe, owner_token],
                  [launch_message, job_choice, owner_token], api_name="launch_job")
-    job_recipe.change(recipe_form, job_recipe, [job_teacher, job_student, ce, kd, feature, cam, temperature, epochs,
-                                                lr, batch_size, seed, limit, teacher_views], api_name="recipe_form")
+    job_recipe.change(recipe_form, job_recipe, [job_teacher, job_student, job_data, ce, kd, feature, cam, temperature,
+                                                epochs, lr, batch_size, seed, limit, teacher_views],
+                      api_name="recipe_form")
     refresh_outputs = [jobs_table, job_choice, progress, loss_plot, accuracy_plot, known_checkpoints,
                        teacher, students, job_teacher]
     timer.tick(refresh_jobs, [job_choice, known_checkpoints], refresh_outputs, api_name="jobs",

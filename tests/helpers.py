@@ -100,7 +100,7 @@ def write_dataset(root: Path, per_class: dict[str, int], side: int = 32) -> None
 
 def build_bench(root: Path) -> SimpleNamespace:
     """A lightnn teacher and a camnet student distilled from it (1 epoch each), a copy of the
-    student, and the environment a server on them needs."""
+    student, a digits teacher, and the environment a server on them needs."""
     data, checkpoints, cache = root / "data", root / "checkpoints", root / "cache"
     write_dataset(data, {"train": 6, "test": 2})
     source = f"folder:{data}"
@@ -109,10 +109,12 @@ def build_bench(root: Path) -> SimpleNamespace:
     run(RunSpec(arch="camnet", data=source, output=checkpoints / "student.safetensors",
                 config=TrainConfig(epochs=1, batch_size=32, lr=0.05, loss_weights={"ce": 0.5, "kd": 0.5}),
                 teacher=checkpoints / "teacher.safetensors", cache_dir=cache))
+    run(RunSpec(arch="lightnn", data="digits", config=TrainConfig(epochs=1, batch_size=64, lr=0.05, limit=256),
+                output=checkpoints / "digits-teacher.safetensors", role="teacher", cache_dir=cache))
     shutil.copy(checkpoints / "student.safetensors", checkpoints / "student-copy.safetensors")
     missing = root / "gone"  # offered by the server, but not on disk
     env = {"KD_CHECKPOINTS": str(checkpoints), "KD_RUNS": str(root / "runs"), "KD_CACHE_DIR": str(cache),
-           "KD_DATA_SOURCES": f"{source},folder:{missing}", "GRADIO_TEMP_DIR": str(root / "gradio"),
+           "KD_DATA_SOURCES": f"{source},folder:{missing},digits", "GRADIO_TEMP_DIR": str(root / "gradio"),
            "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "KD_MAX_JOBS_PER_CLIENT": "3",
            "KD_MAX_QUEUED_JOBS": "5"}
     return SimpleNamespace(root=root, source=source, missing_source=f"folder:{missing}", checkpoints=checkpoints,

@@ -462,6 +462,25 @@ def test_api_clients_see_the_app_a_browser_sees(server):
         fresh.predict("x" * 5000, api_name="/model_details")
 
 
+def test_a_digits_job_finishes_and_its_mlp_student_explains_a_digit_with_saliency(server, client, tmp_path):
+    job_id = launch(client, server, teacher="digits-teacher", student="mlp", data="digits", epochs=1,
+                    batch_size=64, limit=256, name="digits-mlp")
+    row = wait_for(lambda: (lambda r: r if r[2] not in ("queued", "running") else None)(job_row(client, job_id)[0]),
+                   JOB_TIMEOUT, f"job {job_id} to finish", pause=0.5)
+    assert row[2] == "completed", row
+    student = load_checkpoint(server.checkpoints / "digits-mlp.safetensors")
+    assert student.meta["data"]["input_size"] == [1, 8, 8] and student.meta["data"]["source"] == "digits"
+    from kd_core.data import load_data
+    digit = load_data("digits").test.images[0, 0].numpy()                      # (8, 8) uint8
+    path = tmp_path / "digit.png"
+    Image.fromarray(digit).resize((64, 64), Image.Resampling.NEAREST).save(path)  # as a person would upload it
+    _, numbers = call_explain(client, path, teacher="digits-teacher", students=["digits-mlp"], top_k=3)
+    teacher, mlp = numbers["models"]
+    assert (teacher["map"], mlp["map"]) == ("cam", "saliency") and mlp["cam_shape"] == [8, 8]
+    assert "input-gradient saliency, not a CAM" in mlp["note"] and mlp["overlay_shape"] == [64, 64, 3]
+    assert numbers["agreements"][0]["CAM correlation"] == "n/a"  # a saliency map is not compared with a CAM
+
+
 # -- what an upload may name ------------------------------------------------------------------------
 
 

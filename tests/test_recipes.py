@@ -25,9 +25,10 @@ def as_stored(spec) -> dict:
         "weights_dtype": spec.weights_dtype}))
 
 
-@pytest.mark.parametrize("name", recipes.names())
+@pytest.mark.parametrize("name", sorted(STORED))
 def test_every_recipe_resolves_to_the_run_it_resolved_to_before(name):
-    assert sorted(STORED) == recipes.names()
+    """(Recipes added since the reorganization have no stored copy.)"""
+    assert set(STORED) <= set(recipes.names())
     verb = "distill" if recipes.get(name).teacher else "train"
     resolved = as_stored(resolve_run(build_parser().parse_args([verb, "--recipe", name]), verb == "distill"))
     stored = STORED[name]
@@ -114,9 +115,10 @@ def test_a_distill_tab_job_with_a_recipe_trains_what_distill_recipe_trains(name,
     from kd_core.jobs.spec import JobSpec, run_spec, validate_spec
 
     checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"  # holds every recipe's teacher
-    teacher, student, *numbers = (update["value"] if isinstance(update, dict) else update
-                                  for update in app.recipe_form(name))
-    request = app.job_request(teacher, student, "cifar10", *numbers, "", name)
+    teacher, student, data, *numbers = (update["value"] if isinstance(update, dict) else update
+                                        for update in app.recipe_form(name))
+    assert data in app.DATA_SOURCES and (data == "digits") == (recipes.get(name).data == "digits")
+    request = app.job_request(teacher, student, data, *numbers, "", name)
     job = run_spec(validate_spec(JobSpec.from_dict(request), checkpoints), "job", checkpoints, tmp_path / "state")
     cli = resolve_run(build_parser().parse_args(["distill", "--recipe", name]), distill=True)
     assert job.config == cli.config

@@ -99,7 +99,8 @@ def form_values(recipe: str | None) -> dict[str, Any]:
     spec = JobSpec(recipe=recipe)
     base, config = base_recipe(spec), train_config(spec)
     values = {key: getattr(config, setting) for key, setting in SETTINGS.items()}
-    return {**values, "weights": dict(config.loss_weights), "teacher": base.teacher, "student": base.arch}
+    return {**values, "weights": dict(config.loss_weights), "teacher": base.teacher, "student": base.arch,
+            "data": base.data}
 
 
 def run_spec(spec: JobSpec, name: str, checkpoints_dir: Path, state_path: Path) -> RunSpec:

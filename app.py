@@ -92,7 +92,11 @@ def _default_teacher() -> str | None:
 
 
 def _default_students() -> list[str]:
-    students = checkpoint_names("student")
+    """Two students of the default teacher's data set (camnet-kd-cam and camnet-ce when shipped)."""
+    rows = [row for row in list_checkpoints(CHECKPOINTS) if "error" not in row] if CHECKPOINTS.is_dir() else []
+    classes = {row["name"]: row["meta"]["data"]["classes"] for row in rows}
+    teacher = _default_teacher()
+    students = [name for name in checkpoint_names("student") if classes.get(name) == classes.get(teacher)]
     preferred = [name for name in ("camnet-kd-cam", "camnet-ce") if name in students]
     return (preferred + [name for name in students if name not in preferred])[:2]
 

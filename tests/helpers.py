@@ -100,7 +100,7 @@ def write_dataset(root: Path, per_class: dict[str, int], side: int = 32) -> None
 
 def build_bench(root: Path) -> SimpleNamespace:
     """A lightnn teacher and a camnet student distilled from it (1 epoch each), a copy of the
-    student, a digits teacher, and the environment a server on them needs."""
+    student, a digits teacher and MLP student, and the environment a server on them needs."""
     data, checkpoints, cache = root / "data", root / "checkpoints", root / "cache"
     write_dataset(data, {"train": 6, "test": 2})
     source = f"folder:{data}"
@@ -111,6 +111,9 @@ def build_bench(root: Path) -> SimpleNamespace:
                 teacher=checkpoints / "teacher.safetensors", cache_dir=cache))
     run(RunSpec(arch="lightnn", data="digits", config=TrainConfig(epochs=1, batch_size=64, lr=0.05, limit=256),
                 output=checkpoints / "digits-teacher.safetensors", role="teacher", cache_dir=cache))
+    run(RunSpec(arch="mlp", data="digits", output=checkpoints / "digits-student.safetensors",
+                config=TrainConfig(epochs=1, batch_size=64, lr=0.05, limit=256, loss_weights={"ce": 0.5, "kd": 0.5}),
+                teacher=checkpoints / "digits-teacher.safetensors", cache_dir=cache))
     shutil.copy(checkpoints / "student.safetensors", checkpoints / "student-copy.safetensors")
     missing = root / "gone"  # offered by the server, but not on disk
     env = {"KD_CHECKPOINTS": str(checkpoints), "KD_RUNS": str(root / "runs"), "KD_CACHE_DIR": str(cache),

@@ -76,3 +76,37 @@ def test_explain_tab_shows_a_map_and_a_chart_per_model(page):
     assert listed == [panel["caption"].split(": ")[1].split(" (")[0] for panel in panels[1:]]
     if os.environ.get("KD_SCREENSHOT"):
         page.screenshot(path=os.environ["KD_SCREENSHOT"], full_page=True)
+
+
+def choose(page, label: str, names: list[str]) -> None:
+    """Pick ``names`` in the dropdown labelled ``label`` (a multiselect loses its current picks first)."""
+    block = page.locator(".block").filter(has=page.get_by_label(label, exact=True)).last
+    while block.locator(".token-remove").count():
+        block.locator(".token-remove").first.click()
+    field = page.get_by_label(label, exact=True)
+    for name in names:
+        field.click()
+        field.fill(name)
+        page.locator("ul[role=listbox] li", has_text=name).first.click()
+
+
+def test_a_digit_is_explained_with_a_cam_for_the_cnn_and_saliency_for_the_mlp(page, tmp_path):
+    from PIL import Image
+
+    from kd_core.data import load_data
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(load_data("digits").test.images[3, 0].numpy()).resize((64, 64), Image.Resampling.NEAREST).save(digit)
+    choose(page, "Teacher", ["digits-teacher"])
+    choose(page, "Students (up to 3)", ["digits-student"])
+    page.locator(".upload-panel input[type=file]").set_input_files(str(digit))
+    page.get_by_role("button", name="Explain", exact=True).click()
+    page.wait_for_function(f"""() => {{
+        const panels = ({PANELS_JS})();
+        return panels.length === 2 && panels[1].caption.includes("digits-student")
+            && panels.every(panel => panel.map && panel.map[0] === 64);
+    }}""", timeout=TIMEOUT_MS)
+    panels = page.evaluate(PANELS_JS)
+    assert panels[0]["caption"].startswith("teacher: digits-teacher") and panels[0]["map"] == [64, 64]
+    mlp_panel = page.locator(".model-panel").filter(has_text="student 1: digits-student")
+    assert "input-gradient saliency, not a CAM" in mlp_panel.inner_text()

@@ -253,6 +253,8 @@ def _print_serve(args) -> int:
             process, url = _start_app(args.checkpoints, port)
             pid = process.pid
         try:
+            with Image.open(image) as opened:
+                size = f"{opened.width}x{opened.height}"
             idle = bench_serve(url, image, args.teacher, args.students, clients=1, calls=args.calls, rounds=1, pid=pid)
             loaded = bench_serve(url, image, args.teacher, args.students, args.clients, args.calls, args.rounds, pid)
         finally:
@@ -261,8 +263,7 @@ def _print_serve(args) -> int:
                 import signal
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    print(f"explain {args.teacher} + {' + '.join(args.students)} through {url} ({Image.open(image).size[0]}x"
-          f"{Image.open(image).size[1]} image)")
+    print(f"explain {args.teacher} + {' + '.join(args.students)} through {url} ({size} image)")
     for label, rows in (("1 client (idle server)", idle), (f"{args.clients} clients", loaded)):
         for number, row in enumerate(rows, 1):
             growth = "n/a" if row["rss_growth_mb"] is None else f"{row['rss_growth_mb']:+.0f} MB"

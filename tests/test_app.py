@@ -555,3 +555,15 @@ def test_a_data_url_goes_through_our_decoder_like_an_upload(server, client, tmp_
     event, data = raw_explain(server, {"path": None, "url": huge})
     assert event == "error" and "larger than the 20 MB upload limit" in json.dumps(data), data
     assert server.process.poll() is None
+
+
+def test_the_load_benchmark_reports_every_figure(server):
+    from kd_core.bench import bench_serve
+
+    rows = bench_serve(server.url, CAT, "teacher", ["student"], clients=2, calls=2, rounds=2,
+                       pid=server.process.pid)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["calls"] == 4 and row["errors"] == 0
+        assert 0 < row["median_ms"] <= row["p95_ms"] and row["calls_per_second"] > 0
+        assert isinstance(row["rss_growth_mb"], float)

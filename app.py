@@ -173,27 +173,9 @@ def model_details(name):
     if not name:
         return None, None, [], "Choose a model."
     try:
-        checkpoint = model_cache.get(name)
+        return models_tab.details(model_cache.get(name), model_cache.get, SAMPLE)
     except CheckpointError as error:
         raise gr.Error(str(error)) from None
-    gallery, note = _student_mistakes(checkpoint)
-    return models_tab.per_class_chart(checkpoint.meta), models_tab.confusion_chart(checkpoint.meta), gallery, note
-
-
-def _student_mistakes(student):
-    recorded = student.meta.get("teacher")
-    if not recorded:
-        return [], "No teacher recorded for this model."
-    sample = models_tab.load_sample(SAMPLE)
-    if student.classes != sample.classes:
-        return [], "The sample test images are CIFAR-10; this model was trained on other classes."
-    try:
-        teacher = model_cache.get(recorded["name"])
-    except CheckpointError:
-        return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
-    gallery, count = models_tab.student_mistakes(student, teacher, sample)
-    return gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} classifies "
-                     f"correctly and {student.name} does not (first {len(gallery)} shown).")
 
 
 # -- Distill -------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ drives a served app through its API as concurrent clients would: each client exp
 median and 95th-percentile round trip, calls per second, and the server's memory growth
 (resident set size, read from /proc, when the server's pid is known: started here or ``--pid``).
 
+    python -m kd_core.bench models [--checkpoints DIR] [--sample FILE]
+
+times the Models tab's details for every checkpoint with a teacher, as the app computes them: the
+first time (cold cache: both checkpoints loaded) and again.
+
 ``--threads`` limits torch and NumPy's BLAS (EigenCAM's SVD) alike. On a CPU shared with a
 training job use one: two threads then fight the trainer for the cores and a call can take five to
 ten times longer.
@@ -159,6 +164,26 @@ def _print_distill(args: argparse.Namespace, malloc: str) -> int:
     print(f"{epochs} epochs of {images:,} images: live {live:.1f} min; {views}-view bank {build:.1f} min to build "
           f"+ {banked:.1f} min to train = {build + banked:.1f} min ({live / (build + banked):.1f}x)")
     return 0
+
+
+def bench_models(checkpoint_dir: Path, sample: Path) -> dict[str, tuple[float, float]]:
+    """Per student checkpoint, seconds of the Models tab's details: the first call (a fresh model
+    cache) and the second."""
+    from .checkpoint import list_checkpoints
+    from .dashboard.models_tab import details
+
+    cache = ModelCache(checkpoint_dir)
+    timings = {}
+    for row in list_checkpoints(checkpoint_dir):
+        if "error" in row or not row["meta"].get("teacher"):
+            continue
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            details(cache.get(row["name"]), cache.get, sample)
+            seconds.append(time.perf_counter() - started)
+        timings[row["name"]] = (seconds[0], seconds[1])
+    return timings
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -306,8 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--calls", type=int, default=20, help="calls per client per round")
     serve.add_argument("--rounds", type=int, default=2)
     serve.add_argument("--image", type=Path, help="image file (default: a synthetic 1024 x 768 photo)")
+    details = commands.add_parser("models", help="time the Models tab's details for every distilled checkpoint")
+    details.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    details.add_argument("--sample", type=Path, default=Path("assets/cifar10-test-sample.safetensors"))
     args = parser.parse_args(argv)
 
+    if args.command == "models":
+        for name, (first, second) in bench_models(args.checkpoints, args.sample).items():
+            print(f"models tab details of {name}: first {1000 * first:.0f} ms, again {1000 * second:.0f} ms")
+        return 0
     if args.command == "serve":
         return _print_serve(args)
     torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import LoadedCheckpoint, file_sha256, list_checkpoints
+from ..checkpoint import CheckpointError, LoadedCheckpoint, file_sha256, list_checkpoints
 from ..evaluation import student_mistakes as find_student_mistakes
 
 TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)",
@@ -132,3 +132,40 @@ def student_mistakes(student: LoadedCheckpoint, teacher: LoadedCheckpoint, sampl
         caption = f"true {sample.classes[sample.labels[index]]}; student says {sample.classes[student_predictions[index]]}"
         gallery.append((picture, caption))
     return gallery, len(chosen)
+
+
+@functools.cache
+def _digits_sample() -> Sample:
+    from ..data import load_data
+
+    digits = load_data("digits")
+    return Sample(digits.test.images, digits.test.labels, digits.classes, "digits-test-split")
+
+
+def sample_for(checkpoint: LoadedCheckpoint, cifar_sample: str | Path) -> Sample | None:
+    """The images a model's mistakes are drawn from: the shipped CIFAR-10 sample for a CIFAR-10
+    model, the test split itself for scikit-learn's digits (bundled, 359 images); None otherwise."""
+    if checkpoint.meta["data"].get("source") == "digits":
+        return _digits_sample()
+    sample = load_sample(cifar_sample)
+    return sample if sample.classes == checkpoint.classes else None
+
+
+def details(student: LoadedCheckpoint, find_checkpoint, cifar_sample: str | Path):
+    """What the Models tab shows for one model: per-class accuracy, confusion matrix, and a gallery
+    of sample images its teacher gets right and it gets wrong, with a note. ``find_checkpoint``
+    loads a checkpoint by name (the app's model cache)."""
+    charts = per_class_chart(student.meta), confusion_chart(student.meta)
+    recorded = student.meta.get("teacher")
+    if not recorded:
+        return *charts, [], "No teacher recorded for this model."
+    sample = sample_for(student, cifar_sample)
+    if sample is None:
+        return *charts, [], "No sample images of this model's data set are shipped."
+    try:
+        teacher = find_checkpoint(recorded["name"])
+    except CheckpointError:
+        return *charts, [], f"Teacher {recorded['name']} is not in the checkpoints folder."
+    gallery, count = student_mistakes(student, teacher, sample)
+    return *charts, gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} "
+                              f"classifies correctly and {student.name} does not (first {len(gallery)} shown).")

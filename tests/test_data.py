@@ -161,7 +161,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_unknown_source(tmp_path):
-    with pytest.raises(DataError, match="unknown data source 'imagenet'; use cifar10, mnist or folder:PATH"):
+    with pytest.raises(DataError, match="unknown data source 'imagenet'; use cifar10, mnist, digits or folder:PATH"):
         load_data("imagenet", cache_dir=tmp_path)
 
 

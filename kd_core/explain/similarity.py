@@ -4,7 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-TOP_REGION_FRACTION = 0.2
+from ..evaluation import TOP_REGION_FRACTION  # one definition for the Explain tab and evaluate
 
 
 def cam_correlation(map_a: np.ndarray, map_b: np.ndarray) -> float:

@@ -245,7 +245,7 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import agreement, cam_agreement, classification_report, predict
+    from .evaluation import agreement, cam_agreement, classification_report, predict, teacher_class_maps
     from .profile import count_macs, count_parameters, measure_latency, measure_peak_memory
 
     reports, teachers = [], {}
@@ -267,14 +267,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             teacher_path = path.parent / recorded["file"]
         if teacher_path is not None:
             key = (Path(teacher_path).resolve(), source)
-            if key not in teachers:  # one teacher pass for all its students
+            if key not in teachers:  # one teacher pass (logits and CAMs) for all its students
                 teacher = load_checkpoint(teacher_path)
-                teachers[key] = teacher, predict(teacher.model, data.test.images, teacher.mean, teacher.std)
-            teacher, teacher_logits = teachers[key]
+                teachers[key] = (teacher, predict(teacher.model, data.test.images, teacher.mean, teacher.std),
+                                 teacher_class_maps(teacher.model, data.test.images, (teacher.mean, teacher.std)))
+            teacher, teacher_logits, teacher_maps = teachers[key]
             report["teacher"] = str(teacher_path)
             report.update(agreement(logits, teacher_logits))
             report.update(cam_agreement(checkpoint.model, teacher.model, data.test.images,
-                                        (checkpoint.mean, checkpoint.std), (teacher.mean, teacher.std)) or {})
+                                        (checkpoint.mean, checkpoint.std), (teacher.mean, teacher.std),
+                                        teacher_maps=teacher_maps) or {})
         if args.sample is not None:
             from .dashboard.models_tab import load_sample
             from .evaluation import sample_predictions

@@ -81,39 +81,67 @@ def student_mistakes(student, teacher, images: torch.Tensor, labels: torch.Tenso
 TOP_REGION_FRACTION = 0.2  # the "hottest region" of a map, as the Explain tab measures it
 
 
+def teacher_class_maps(teacher: torch.nn.Module, images: torch.Tensor,
+                       stats: tuple[Sequence[float], Sequence[float]], batch_size: int = 500,
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A teacher's torch CAMs ``(N, h, w)`` for its own predicted classes ``(N,)`` on uint8
+    ``images`` (one pass each, no test-time augmentation); None without a spatial feature map.
+    Computed once, they serve every student compared with this teacher."""
+    from .cam import class_activation_map
+
+    if teacher.cam_layer is None:
+        return None
+    was_training = teacher.training
+    teacher.eval()
+    maps, classes = [], []
+    try:
+        for chunk in images.split(batch_size):
+            with torch.no_grad():
+                features = teacher.forward_features(normalize(chunk.to(device), *stats))
+                predicted = teacher.forward_head(features).argmax(1)
+            maps.append(class_activation_map(teacher, features, predicted, create_graph=False).detach().cpu())
+            classes.append(predicted.cpu())
+    finally:
+        teacher.train(was_training)
+    return torch.cat(maps), torch.cat(classes)
+
+
 def cam_agreement(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor,
                   student_stats: tuple[Sequence[float], Sequence[float]],
                   teacher_stats: tuple[Sequence[float], Sequence[float]], batch_size: int = 500,
-                  device: torch.device | str = "cpu") -> dict[str, float] | None:
+                  device: torch.device | str = "cpu",
+                  teacher_maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float] | None:
     """Whether a student looks where its teacher looks, over uint8 ``images`` ``(N, C, H, W)``:
     both models' torch CAMs (:func:`kd_core.cam.class_activation_map`, one pass each, no test-time
     augmentation) for the teacher's predicted class, compared per image at the larger map's size:
     mean and median Pearson correlation, and the mean IoU of their top-20% regions. None when
-    either model has no spatial feature map. A flat map correlates 0."""
+    either model has no spatial feature map. A flat map correlates 0. ``teacher_maps``: the
+    teacher's :func:`teacher_class_maps` on these images, when already computed."""
     from .cam import class_activation_map, resize_maps
 
     if student.cam_layer is None or teacher.cam_layer is None:
         return None
     device = torch.device(device)
-    states = student.training, teacher.training
-    student.eval(), teacher.eval()
+    all_teacher_maps, all_classes = teacher_maps or teacher_class_maps(teacher, images, teacher_stats, batch_size,
+                                                                       device)
+    was_training = student.training
+    student.eval()
     correlations, ious = [], []
     try:
-        for chunk in images.split(batch_size):
-            chunk = chunk.to(device)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size].to(device)
+            classes = all_classes[start:start + batch_size].to(device)
             with torch.no_grad():
-                teacher_features = teacher.forward_features(normalize(chunk, *teacher_stats))
-                classes = teacher.forward_head(teacher_features).argmax(1)
                 student_features = student.forward_features(normalize(chunk, *student_stats))
-            teacher_maps = class_activation_map(teacher, teacher_features, classes, create_graph=False).detach()
+            teacher_maps_chunk = all_teacher_maps[start:start + batch_size].to(device)
             student_maps = class_activation_map(student, student_features, classes, create_graph=False).detach()
-            size = tuple(max(a, b) for a, b in zip(teacher_maps.shape[-2:], student_maps.shape[-2:]))
-            teacher_flat = resize_maps(teacher_maps, size).flatten(1).double()          # (B, HW)
+            size = tuple(max(a, b) for a, b in zip(teacher_maps_chunk.shape[-2:], student_maps.shape[-2:]))
+            teacher_flat = resize_maps(teacher_maps_chunk, size).flatten(1).double()    # (B, HW)
             student_flat = resize_maps(student_maps, size).flatten(1).double()
             correlations.append(_pearson(teacher_flat, student_flat))
             ious.append(_top_region_iou(teacher_flat, student_flat))
     finally:
-        student.train(states[0]), teacher.train(states[1])
+        student.train(was_training)
     correlation, iou = torch.cat(correlations), torch.cat(ious)
     return {"cam_correlation_mean": round(correlation.mean().item(), 4),
             "cam_correlation_median": round(correlation.median().item(), 4),

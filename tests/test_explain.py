@@ -419,3 +419,21 @@ def test_input_saliency_lights_exactly_the_pixels_a_model_reads():
     expected = np.zeros((4, 4), dtype=np.float32)
     expected[2, 1] = 1.0
     np.testing.assert_array_equal(saliency, expected)
+
+
+def test_test_set_cam_agreement_of_a_model_with_itself_is_one_and_a_shuffled_student_less():
+    from kd_core.evaluation import cam_agreement, teacher_class_maps
+
+    torch.manual_seed(0)
+    teacher = models.create("camnet").eval()
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    stats = ([0.5] * 3, [0.25] * 3)
+    same = cam_agreement(teacher, teacher, images, stats, stats, batch_size=5)
+    assert same == {"cam_correlation_mean": 1.0, "cam_correlation_median": 1.0, "cam_top_region_iou_mean": 1.0,
+                    "cam_images": 12}
+    other = models.create("camnet").eval()  # other random weights look elsewhere
+    apart = cam_agreement(other, teacher, images, stats, stats, batch_size=5)
+    assert apart["cam_correlation_mean"] < 0.99
+    precomputed = teacher_class_maps(teacher, images, stats)
+    assert cam_agreement(other, teacher, images, stats, stats, batch_size=5, teacher_maps=precomputed) == apart
+    assert cam_agreement(models.create("mlp"), teacher, images, stats, stats) is None

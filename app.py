@@ -5,14 +5,16 @@ The interface only; the work is in kd_core. ``demo`` is built at import and noth
 
 - ``KD_CHECKPOINTS`` (default ``checkpoints``), ``KD_RUNS`` (default ``runs``): the only folders
   a request may read models from or write jobs to;
-- ``KD_DATA_SOURCES``: comma-separated data sources the Distill tab offers (default: the CIFAR-10
-  copy in ``../shared/data`` when present, and ``cifar10``);
+- ``KD_DATA_SOURCES``: comma-separated data sources the Distill tab offers, each ``SOURCE`` or
+  ``NAME=SOURCE`` (default: the CIFAR-10 copy in ``../shared/data`` when present, ``cifar10`` and
+  ``digits``); the page and the API name them (``cifar10-jpeg``), never by a server path;
 - ``KD_MAX_JOBS``: distillation jobs running at once (default 1; further launches queue);
 - ``KD_MAX_QUEUED_JOBS`` (default 8) / ``KD_MAX_JOBS_PER_CLIENT`` (default 2): jobs queued or running
   in all and per browser or API session; a job is cancelled or resumed only by the session that
   launched it, unless ``KD_SHARED_JOBS=1`` (a private server: everyone may, no per-client cap);
 - ``KD_JOB_RETENTION_HOURS`` (default 72; 0 keeps everything): finished jobs older than this lose
   their checkpoint and files, and teacher banks unused for as long are deleted;
+- ``KD_TENSORBOARD_DIR``: when set, every job also writes TensorBoard curves to ``DIR/job-<id>-<name>``;
 - ``KD_APP_THREADS``: torch and BLAS threads for explaining (default 1: lowest latency beside a job);
 - ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to serve (default 127.0.0.1:7860).
 """
@@ -33,7 +35,8 @@ import gradio as gr
 
 from kd_core import models
 from kd_core.dashboard import distill_tab, explain_tab, models_tab
-from kd_core.checkpoint import CheckpointError, list_checkpoints
+from kd_core.checkpoint import NAME, CheckpointError, list_checkpoints
+from kd_core.data.sources import source_name
 from kd_core.explain import ModelCache, cam_methods, explain
 from kd_core.explain.images import MAX_UPLOAD_BYTES, ImageError, uploaded_source
 from kd_core.jobs import JobManager
@@ -59,10 +62,23 @@ FORM = form_values(None)  # the Distill form's defaults: the base of a distillat
 TEACHERS_PREDICTION = "the teacher's prediction"
 
 
-def _data_sources() -> list[str]:
+def _data_sources() -> dict[str, str]:
+    """The data sets the Distill tab offers: name -> source. ``KD_DATA_SOURCES`` entries are
+    ``SOURCE`` or ``NAME=SOURCE``; people and API clients see the names only, never a server path."""
     if os.environ.get("KD_DATA_SOURCES"):
-        return [source.strip() for source in os.environ["KD_DATA_SOURCES"].split(",") if source.strip()]
-    return ([f"folder:{SHARED_CIFAR}"] if SHARED_CIFAR.exists() else []) + ["cifar10", "digits"]
+        entries = [entry.strip() for entry in os.environ["KD_DATA_SOURCES"].split(",") if entry.strip()]
+    else:
+        entries = ([f"folder:{SHARED_CIFAR}"] if SHARED_CIFAR.exists() else []) + ["cifar10", "digits"]
+    offered: dict[str, str] = {}
+    for entry in entries:
+        label, sep, source = entry.partition("=")
+        if not sep or entry.startswith("folder:") or not NAME.fullmatch(label):
+            label, source = source_name(entry), entry
+        unique, number = label, 2
+        while unique in offered:
+            unique, number = f"{label}-{number}", number + 1
+        offered[unique] = source
+    return offered
 
 
 DATA_SOURCES = _data_sources()
@@ -76,7 +92,7 @@ def job_manager() -> JobManager:
     """Made on first use, so importing this module creates no folder and starts no process."""
     retention = float(os.environ.get("KD_JOB_RETENTION_HOURS", "72"))
     return JobManager(RUNS, CHECKPOINTS, max_concurrent=int(os.environ.get("KD_MAX_JOBS", "1")),
-                      data_sources=DATA_SOURCES, max_active=int(os.environ.get("KD_MAX_QUEUED_JOBS", "8")),
+                      data_sources=list(DATA_SOURCES.values()), max_active=int(os.environ.get("KD_MAX_QUEUED_JOBS", "8")),
                       max_active_per_owner=None if SHARED_JOBS else int(os.environ.get("KD_MAX_JOBS_PER_CLIENT", "2")),
                       retention_seconds=retention * 3600 if retention > 0 else None)
 
@@ -184,8 +200,10 @@ def model_details(name):
 def job_request(teacher, student, data, ce, kd, feature, cam, temperature, epochs, lr, batch_size, seed, limit,
                 teacher_views, name, recipe=NO_RECIPE) -> dict:
     """The job the Distill form asks for (a :class:`kd_core.jobs.JobSpec` as a dict)."""
+    if data not in DATA_SOURCES:
+        raise ValueError(f"data: {data!r} is not one of the offered data sets ({', '.join(DATA_SOURCES)})")
     return {"recipe": None if recipe in (None, "", NO_RECIPE) else recipe, "teacher": teacher, "student": student,
-            "data": data, "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
+            "data": DATA_SOURCES[data], "weights": {"ce": ce, "kd": kd, "feature": feature, "cam": cam}, "temperature": temperature,
             "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
             "limit": int(limit) if limit else None, "teacher_views": teacher_views, "name": name or None}
 
@@ -207,18 +225,19 @@ def launch_job(*form_and_token):
         job = job_manager().submit(job_request(*form), owner=None if SHARED_JOBS else token)
     except (ValueError, TypeError) as error:
         raise gr.Error(str(error)) from None
-    return f"Job {job['id']} ({job['name']}) is {job['state']}.", gr.update(value=job["id"]), token
+    bank = f"; {job['bank']}" if job["bank"] else ""
+    return f"Job {job['id']} ({job['name']}) is {job['state']}{bank}.", gr.update(value=job["id"]), token
 
 
 def _offered(source: str) -> str:
-    """The offered data source that is ``source`` (a recipe names the shared CIFAR-10 copy by a
-    relative path), else the first one offered."""
-    for offered in DATA_SOURCES:
+    """The name of the offered data set that is ``source`` (a recipe names the shared CIFAR-10 copy
+    by a relative path), else the first one offered."""
+    for name, offered in DATA_SOURCES.items():
         same_folder = offered.startswith("folder:") and source.startswith("folder:") and \
             Path(offered[7:]).resolve() == (ROOT / source[7:]).resolve()
         if offered == source or same_folder:
-            return offered
-    return DATA_SOURCES[0]
+            return name
+    return next(iter(DATA_SOURCES))
 
 
 def recipe_form(recipe):
@@ -355,7 +374,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                                               "the values below override it")
                 job_teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
                 job_student = gr.Dropdown(models.list_models(), value=FORM["student"], label="Student architecture")
-                job_data = gr.Dropdown(DATA_SOURCES, value=DATA_SOURCES[0], label="Data set")
+                job_data = gr.Dropdown(list(DATA_SOURCES), value=next(iter(DATA_SOURCES)), label="Data set")
                 job_name = gr.Textbox(label="Checkpoint name (optional)", placeholder="e.g. camnet-kd-cam-mine")
             with gr.Column():
                 with gr.Row():

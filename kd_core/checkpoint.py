@@ -171,11 +171,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_model(meta: dict[str, Any], where: str = "checkpoint") -> models.Classifier:
-    if meta["arch"] not in models.list_models():
-        raise CheckpointError(f"{where} has unknown architecture {meta['arch']!r}; "
-                              f"this kd_core knows: {', '.join(models.list_models())}")
     try:
-        return models.create(meta["arch"], **meta["arch_args"])
+        factory = models.factory(meta["arch"])
+    except KeyError as error:
+        raise CheckpointError(f"{where} needs an architecture this kd_core does not have: {error.args[0]}") from None
+    try:
+        return factory(**meta["arch_args"])
     except (TypeError, ValueError) as error:  # arguments this kd_core's model does not take
         raise CheckpointError(f"{where}: cannot build {meta['arch']} from arch_args "
                               f"{meta['arch_args']}: {error}") from None

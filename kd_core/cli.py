@@ -1,4 +1,4 @@
-"""``python -m kd_core``: train, distill, evaluate, study, list, recipes.
+"""``python -m kd_core``: train, distill, evaluate, study, import, export, list, recipes, models.
 
 Every failure the user can cause (an unknown model, a missing data set, an impossible value, a
 broken checkpoint) ends in one line ``error: ...`` on stderr and exit status 2.
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import signal
 import sys
 from pathlib import Path
 
-from . import models
+from . import distributed, models
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .data import DataError, load_data
 from .experiments import recipes
@@ -41,13 +42,18 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     what = parser.add_argument_group("what to train")
     what.add_argument("--recipe", help="a named recipe (see `python -m kd_core recipes`); other options override its fields")
     what.add_argument("--student" if distill else "--model", dest="arch", metavar="ARCH",
-                      help=f"architecture from the model zoo: {', '.join(models.list_models())}")
+                      help=f"architecture from the model zoo: {', '.join(models.list_models())}; or timm:NAME "
+                           "for any timm architecture (e.g. timm:resnet18)")
+    what.add_argument("--arch-arg", action="append", default=[], metavar="NAME=VALUE", dest="arch_args",
+                      help="an argument of the architecture (JSON values: --arch-arg output_stride=8 "
+                           "--arch-arg 'widths=[24,40,64]'); repeatable")
     if distill:
         what.add_argument("--teacher", type=Path, help="teacher checkpoint (.safetensors); with --recipe, "
                           "defaults to checkpoints/<teacher recipe>.safetensors")
     what.add_argument("--data", help="cifar10 | mnist | folder:PATH (a train/ + test/ image-folder tree or a "
                       ".tar.gz of one); default: the recipe's, else cifar10")
     what.add_argument("--output", "-o", type=Path, help="checkpoint to write (default checkpoints/<name>.safetensors)")
+    what.add_argument("--log-dir", type=Path, help="also write TensorBoard curves here (tensorboard --logdir DIR)")
     what.add_argument("--name", help="model name recorded in the checkpoint (default: recipe or arch)")
     what.add_argument("--run-dir", type=Path, help="folder for the resumable state (default runs/<name>); "
                       "an interrupted run resumes from its last finished epoch")
@@ -167,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "test split: for choosing a method")
     study.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     study.add_argument("--cache-dir", type=Path)
+    study.add_argument("--log-dir", type=Path, help="also write each run's TensorBoard curves to DIR/<run name>")
+
+    bring = commands.add_parser(
+        "import", help="bring weights trained elsewhere in as a checkpoint (a teacher, usually)",
+        description="Read a state dict (.safetensors, or .pt/.pth through torch.load(weights_only=True): tensors "
+                    "only, never arbitrary unpickling), fit it to an architecture (wrapper prefixes such as "
+                    "module. and model. are removed), check every tensor's name and shape, evaluate the model on "
+                    "the data set's test split and write a self-describing checkpoint.")
+    bring.add_argument("--arch", required=True, help="zoo architecture, or timm:NAME")
+    bring.add_argument("--arch-arg", action="append", default=[], metavar="NAME=VALUE", dest="arch_args",
+                       help="an argument of the architecture (JSON values); repeatable")
+    bring.add_argument("--weights", required=True, type=Path, help=".safetensors, .pt or .pth state dict")
+    bring.add_argument("--data", required=True, help="the data set it was trained on (cifar10 | folder:PATH | ...)")
+    bring.add_argument("--name", required=True, help="checkpoint name (written to checkpoints/NAME.safetensors)")
+    bring.add_argument("--output", "-o", type=Path, help="checkpoint to write instead")
+    bring.add_argument("--role", choices=("teacher", "student"), default="teacher")
+    bring.add_argument("--mean", type=float, nargs="+", help="normalization mean per channel (default: the data set's)")
+    bring.add_argument("--std", type=float, nargs="+", help="normalization std per channel (default: the data set's)")
+    bring.add_argument("--classes", help="comma-separated class names for the outputs, in order (default: the data set's)")
+    bring.add_argument("--cache-dir", type=Path)
+
+    from .export import add_arguments as add_export_arguments
+
+    add_export_arguments(commands.add_parser(
+        "export", help="export a checkpoint to ONNX (optionally int8) and measure it in ONNX Runtime",
+        description="Write an ONNX model, check it against PyTorch on the test split, optionally quantize it to "
+                    "int8, and print a table of size, accuracy, agreement and latency."))
 
     commands.add_parser("recipes", help="list the named recipes and the command that runs each")
     commands.add_parser("models", help="list the model zoo with parameter counts for 3x32x32 input")
@@ -201,7 +234,7 @@ def resolve_run(args: argparse.Namespace, distill: bool):
         raise UsageError(f"say which model to train: --{'student' if distill else 'model'} ARCH or --recipe NAME")
     recipe = recipes.get(args.recipe) if args.recipe else recipes.Recipe.custom(args.arch, distill)
     if args.arch is not None:
-        models.MODELS.get(args.arch)  # unknown names fail here, before any data is loaded
+        models.factory(args.arch)  # unknown names fail here, before any data is loaded
     if not distill and recipe.teacher:
         raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}: use `distill --recipe {recipe.name}`")
     teacher = getattr(args, "teacher", None)
@@ -213,7 +246,31 @@ def resolve_run(args: argparse.Namespace, distill: bool):
                            cache_dir=args.cache_dir, weights_dtype=args.weights_dtype)
     if distill and spec.teacher is None:
         raise UsageError("distill needs --teacher CHECKPOINT")
+    spec.arch_args.update(parse_arch_args(args.arch_args))
     return spec
+
+
+def parse_arch_args(assignments: list[str]) -> dict:
+    """``["output_stride=8", "name=x"]`` -> ``{"output_stride": 8, "name": "x"}`` (JSON values, else text)."""
+    parsed = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--arch-arg takes NAME=VALUE, got {assignment!r}")
+        try:
+            parsed[name] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[name] = text
+    return parsed
+
+
+def _callbacks(log_dir: Path | None, stream=None) -> list:
+    callbacks = [TqdmProgress(stream=stream)]
+    if log_dir is not None:
+        from .training.tensorboard import TensorBoardLogger
+
+        callbacks.append(TensorBoardLogger(log_dir))
+    return callbacks
 
 
 def _train(args: argparse.Namespace, distill: bool) -> int:
@@ -221,8 +278,10 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
 
     spec = resolve_run(args, distill)
     run_dir = spec.state_path.parent
-    if args.fresh and run_dir.exists():
+    main_process = distributed.is_main()  # under torchrun, one process prints and logs for the run
+    if args.fresh and run_dir.exists() and main_process:
         shutil.rmtree(run_dir)
+    distributed.barrier()  # no process looks for resumable state before --fresh removed it
 
     def install_stop(trainer) -> None:
         def stop(signum, frame):
@@ -231,12 +290,14 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
 
-    result, path = run(spec, callbacks=[TqdmProgress()], stop_hook=install_stop)
+    result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=install_stop)
     if path is None:
-        print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
+        if main_process:
+            print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
         return 130
-    print(f"wrote {path}: {result.evaluated_on} top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min "
-          "of training")
+    if main_process:
+        print(f"wrote {path}: {result.evaluated_on} top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min "
+              "of training")
     return 0
 
 
@@ -370,6 +431,8 @@ def _list(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from .experiments.study import run_study
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("study runs in one process: start it without torchrun (train and distill run under torchrun)")
     recipe = recipes.get(args.recipe)
     overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device", "validation")
                  if getattr(args, key) is not None}
@@ -381,7 +444,8 @@ def _study(args: argparse.Namespace) -> int:
     folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
     summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
                         cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
-                        callbacks=lambda: [TqdmProgress(stream=sys.stderr)], log=lambda line: print(line, file=sys.stderr),
+                        callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr),
+                        log=lambda line: print(line, file=sys.stderr),
                         reuse=args.reuse)
     print(summary)
     return 0
@@ -446,6 +510,26 @@ def _training_time(meta: dict) -> str:
     return text
 
 
+def _import(args: argparse.Namespace) -> int:
+    from .importer import import_weights
+
+    output = args.output or CHECKPOINT_DIR / f"{args.name}.safetensors"
+    classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+    imported = import_weights(args.arch, args.weights, args.data, output, name=args.name,
+                              arch_args=parse_arch_args(args.arch_args), mean=args.mean, std=args.std,
+                              classes=classes, role=args.role, cache_dir=args.cache_dir)
+    renamed = imported.meta["imported_from"]["renamed"]
+    print(f"wrote {imported.path}: test top-1 {imported.meta['metrics']['test_top1']:.2f}%"
+          + (f" (names fitted: {renamed})" if renamed else ""))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import main as export_main
+
+    return export_main(args)
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for name in recipes.names():
         recipe = recipes.get(name)
@@ -466,13 +550,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": lambda: _train(args, False), "distill": lambda: _train(args, True),
                 "evaluate": lambda: _evaluate(args), "study": lambda: _study(args), "list": lambda: _list(args),
-                "recipes": lambda: _recipes(args), "models": lambda: _models(args)}
+                "recipes": lambda: _recipes(args), "models": lambda: _models(args),
+                "import": lambda: _import(args), "export": lambda: _export(args)}
     if args.command in ("train", "distill", "study"):
         reuse_freed_memory()
     try:
+        if args.command in ("train", "distill"):
+            distributed.init_from_env()  # under torchrun: one of WORLD_SIZE processes of one run
         return handlers[args.command]()
     except KeyError as error:  # registry lookups: unknown model, loss or recipe
         print(f"error: {error.args[0]}", file=sys.stderr)
     except (UsageError, ValueError, DataError, CheckpointError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
+    finally:
+        distributed.shutdown()
     return 2

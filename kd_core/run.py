@@ -1,5 +1,6 @@
 """Train or distil one model end to end: load data and teacher, run the engine, evaluate in
-float32, write a self-describing checkpoint. The CLI and the dashboard's job runner call this."""
+float32, write a self-describing checkpoint. The CLI and the dashboard's job runner call this.
+In a distributed run (kd_core.distributed) every process calls it; rank 0 alone writes the checkpoint."""
 from __future__ import annotations
 
 import platform
@@ -10,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import __version__, models
+from . import __version__, distributed, models
 from .checkpoint import (LoadedCheckpoint, check_weights_dtype, file_sha256, load_checkpoint, round_weights,
                          save_checkpoint, weights_sha256)
 from .data import DataBundle, load_data
@@ -75,7 +76,8 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     """
     spec.config.validate()
     check_weights_dtype(spec.weights_dtype)  # an unknown dtype fails before any data is loaded
-    data = load_data(spec.data, cache_dir=spec.cache_dir)
+    with distributed.main_first():  # rank 0 decodes and caches the data set; the others read the cache
+        data = load_data(spec.data, cache_dir=spec.cache_dir)
     if spec.config.validation:
         data = data.with_validation(spec.config.validation)
     teacher = None
@@ -96,6 +98,9 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
     result = trainer.fit()
     if result.stopped:
         return result, None
+    if not distributed.is_main():  # rank 0 evaluates and writes the checkpoint; the others learn where
+        path, result.test_top1, result.evaluated_on = distributed.broadcast_object(None)
+        return result, path
     final = result.model.float().eval()
     shipped_arch, shipped_args, trained_as = spec.arch, arch_args, None
     if hasattr(final, "reparameterize"):  # trained in a richer form: ship the plain net it folds into
@@ -135,8 +140,10 @@ def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tu
         "wall_seconds": round(time.time() - started, 1),
         "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else
                                          f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "versions": {"kd_core": __version__, "torch": torch.__version__},
+        **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),  # under torchrun
+        "versions": {"kd_core": __version__, "torch": torch.__version__, **models.arch_versions(spec.arch)},
     }
     path = save_checkpoint(spec.output, final, meta)
     result.test_top1, result.evaluated_on = report["top1"], split
+    distributed.broadcast_object((path, result.test_top1, split))
     return result, path

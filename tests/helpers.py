@@ -120,7 +120,8 @@ def build_bench(root: Path) -> SimpleNamespace:
            "KD_DATA_SOURCES": f"{source},folder:{missing},digits", "GRADIO_TEMP_DIR": str(root / "gradio"),
            "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "KD_MAX_JOBS_PER_CLIENT": "3",
            "KD_MAX_QUEUED_JOBS": "5"}
-    return SimpleNamespace(root=root, source=source, missing_source=f"folder:{missing}", checkpoints=checkpoints,
+    return SimpleNamespace(root=root, source=source, missing_source=f"folder:{missing}", data_name="data",
+                           missing_name="gone", checkpoints=checkpoints,
                            runs=root / "runs", env=env)
 
 

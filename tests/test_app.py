@@ -102,7 +102,7 @@ def token_of(client: Client) -> str:
 
 
 def launch(client: Client, server, **settings) -> int:
-    message, job_choice, token = client.predict(*{**JOB_SETTINGS, "data": server.source, **settings}.values(),
+    message, job_choice, token = client.predict(*{**JOB_SETTINGS, "data": server.data_name, **settings}.values(),
                                                 token_of(client), api_name="/launch_job")
     assert message.startswith(f"Job {job_choice['value']} ") and token == token_of(client)
     return job_choice["value"]
@@ -126,14 +126,17 @@ def test_importing_app_starts_nothing(tmp_path):
     script = ("import glob, json, os, gradio, app\n"
               "children = ''.join(open(path).read() for path in glob.glob(f'/proc/{os.getpid()}/task/*/children'))\n"
               "print(json.dumps({'blocks': isinstance(app.demo, gradio.Blocks), 'children': children.split(),"
-              " 'runs': str(app.RUNS)}))\n")
+              " 'runs': str(app.RUNS), 'data': app.DATA_SOURCES}))\n")
     env = {**os.environ, "KD_RUNS": str(tmp_path / "runs"), "KD_CHECKPOINTS": str(tmp_path / "checkpoints"),
-           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "KD_DATA_SOURCES": "photos=folder:/srv/a.tar.gz, folder:/srv/photos,cifar10,folder:/srv/x=1"}
     finished = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
     report = json.loads(finished.stdout.strip().splitlines()[-1])
-    assert report == {"blocks": True, "children": [], "runs": str(tmp_path / "runs")}
+    assert report == {"blocks": True, "children": [], "runs": str(tmp_path / "runs"),
+                      "data": {"photos": "folder:/srv/a.tar.gz", "photos-2": "folder:/srv/photos", "cifar10": "cifar10",
+                               "x=1": "folder:/srv/x=1"}}  # offered by name (NAME=SOURCE, else the folder's name)
     assert list(tmp_path.iterdir()) == []  # no runs folder, no database, no checkpoints folder
     assert not (ROOT / "app.pyi").exists()  # what Gradio writes for a component subclass defined in app.py
 
@@ -295,11 +298,10 @@ def test_explain_refuses_names_outside_the_checkpoints_folder(client, teacher, s
     pytest.param({"recipe": "airnet"}, r"Value: airnet is not in the list of choices", id="teacher-recipe"),
     pytest.param({"data": "folder:/no/such/data"}, r"Value: folder:/no/such/data is not in the list of choices",
                  id="data-not-offered"),
-    pytest.param({"data": "missing"}, r"^data: '.*/gone' does not exist$", id="data-offered-but-gone"),
+    pytest.param({"data": "gone"}, r"^data: the data set 'gone' is not on this server \(its folder is gone\)$",
+                 id="data-offered-but-gone"),
 ])
 def test_job_settings_out_of_range_or_outside_the_folders_are_refused(server, client, settings, message):
-    if settings.get("data") == "missing":
-        settings = {"data": server.missing_source}
     jobs_before = [row[0] for row in client.predict(None, api_name="/jobs")[0]["data"]]
     with pytest.raises(AppError, match=message):
         launch(client, server, **settings)
@@ -460,6 +462,11 @@ def test_api_clients_see_the_app_a_browser_sees(server):
     assert note.endswith("does not (first %d shown)." % len(gallery))
     with pytest.raises(AppError, match="is not a checkpoint name"):
         fresh.predict("x" * 5000, api_name="/model_details")
+    config = urllib.request.urlopen(f"{server.url}config", timeout=30).read().decode()
+    [data_set] = [component["props"] for component in json.loads(config)["components"]
+                  if component.get("props", {}).get("label") == "Data set"]
+    assert [value for _, value in data_set["choices"]] == ["data", "gone", "digits"]
+    assert str(server.root / "data") not in config and str(server.root / "gone") not in config  # names, not paths
 
 
 def test_a_digits_job_finishes_and_its_mlp_student_explains_a_digit_with_saliency(server, client, tmp_path):

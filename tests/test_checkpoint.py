@@ -204,7 +204,7 @@ BROKEN_FILES = {
     "metadata without arch": (lambda good, target: rewrite(good, target, change_header=edit_meta(lambda m: m.pop("arch"))),
                               "metadata lacks 'arch'"),
     "unknown architecture": (lambda good, target: rewrite(good, target, change_header=edit_meta(
-        lambda m: m.update(arch="resnet1000"))), "unknown architecture 'resnet1000'"),
+        lambda m: m.update(arch="resnet1000"))), "an architecture this kd_core does not have: unknown model 'resnet1000'"),
     "arguments the model does not take": (lambda good, target: rewrite(good, target, change_header=edit_meta(
         lambda m: m["arch_args"].update(depth=3))), "cannot build camnet from arch_args"),
     "missing tensor": (lambda good, target: rewrite(good, target, change_tensors=lambda t: t.pop("head.fc.bias")),

@@ -401,3 +401,12 @@ def test_mnist_loads_through_torchvision_from_files_in_its_own_format(tmp_path):
     assert torch.equal(bundle.train.images[:, 0], torch.from_numpy(train_images.astype(np.uint8)))
     assert bundle.test.labels.tolist() == test_labels.tolist()
     assert bundle.classes[0].startswith("0")
+
+
+@pytest.mark.parametrize("source, name", [("cifar10", "cifar10"), ("digits", "digits"),
+                                          ("folder:/srv/data/cifar10-jpeg.tar.gz", "cifar10-jpeg"),
+                                          ("folder:../shared/data/my_photos", "my_photos"), ("folder:/x/y.tgz", "y")])
+def test_a_data_source_is_named_without_its_path(source, name):
+    from kd_core.data.sources import source_name
+
+    assert source_name(source) == name

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from helpers import write_image_folder
 from kd_core.checkpoint import load_checkpoint
@@ -117,6 +118,43 @@ def test_a_job_can_distil_from_a_teacher_bank(bench, manager):
     assert [row["epoch"] for row in job["metrics"]] == [1, 2]
     assert all(point["terms"]["kd"] > 0 and point["terms"]["cam"] > 0 for point in job["points"])
     assert len(list((Path(bench.env["KD_CACHE_DIR"]) / "teacher-banks").glob("*.safetensors"))) == 1
+
+
+def test_a_job_says_what_its_teacher_bank_holds_and_one_too_large_is_refused(bench, manager, monkeypatch):
+    from kd_core.checkpoint import load_checkpoint
+    from kd_core.jobs import spec as job_specs
+    from kd_core.losses import feature_shape
+
+    teacher = load_checkpoint(bench.checkpoints / "teacher.safetensors")
+    channels, height, width = feature_shape(teacher.model, (3, 32, 32))
+    train_size = teacher.meta["data"]["train_size"]
+    job = manager.submit(job_spec(bench, weights={"ce": 0.5, "kd": 0.5, "cam": 1.0}, teacher_views=3, epochs=300))
+    per_view = 2 + 1 + 4 * len(teacher.classes) + 4 * height * width  # offsets, flip, logits, CAM: no term reads the features
+    assert job["bank"] == f"its teacher bank will hold {3 * train_size * per_view / 2**20:,.2f} MB (3 views)"
+    manager.cancel(job["id"])
+    with_features = 3 * train_size * (per_view + 2 * channels * height * width)
+    monkeypatch.setattr(job_specs, "MAX_BANK_BYTES", with_features - 1)
+    with pytest.raises(ValueError, match=r"^teacher_views: a bank of 3 views would hold .* GB, more than this server"):
+        manager.submit(job_spec(bench, weights={"ce": 0.5, "feature": 1.0}, teacher_views=3))
+    assert manager.submit(job_spec(bench, weights={"ce": 0.5, "kd": 0.5}, teacher_views=0, epochs=300))["bank"] == ""
+
+
+def test_a_job_trains_in_several_processes_under_torchrun_when_told(bench, tmp_path):
+    from kd_core.jobs.manager import job_processes
+
+    assert job_processes("auto") == max(1, torch.cuda.device_count()) and job_processes("3") == 3
+    with pytest.raises(ValueError, match="KD_JOB_PROCESSES must be 'auto' or a whole number >= 1, got '0'"):
+        JobManager(tmp_path / "bad", bench.checkpoints, env={"KD_JOB_PROCESSES": "0"})
+    manager = JobManager(tmp_path / "runs", bench.checkpoints, env={**bench.env, "KD_JOB_PROCESSES": "2",
+                                                                     "KD_DIST_TIMEOUT_S": "120"})
+    command = manager.worker_command(7, 2)
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=0"]
+    assert command[6:8] == ["-m", "kd_core.jobs.worker"] and manager.worker_command(7)[1:3] == ["-m", "kd_core.jobs.worker"]
+    job = manager.submit(job_spec(bench, epochs=2, name="two-processes"))
+    job = wait_until(manager, job["id"], lambda job: job["state"] in ("completed", "failed"))
+    assert job["state"] == "completed", job["error"]
+    assert [row["epoch"] for row in job["metrics"]] == [1, 2]
+    assert load_checkpoint(job["checkpoint"]).meta["processes"] == 2
 
 
 def test_one_job_at_a_time_and_cancel_stops_the_process_group_within_2_s(bench, manager):

@@ -178,7 +178,7 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
 
     runs = []
 
-    def stop_the_second_run():
+    def stop_the_second_run(name):
         runs.append(1)
         return [StopAtStart()] if len(runs) == 2 else []
 

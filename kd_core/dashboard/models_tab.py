@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ..checkpoint import CheckpointError, LoadedCheckpoint, file_sha256, list_checkpoints
 from ..evaluation import student_mistakes as find_student_mistakes
+from ..export import format_table
 
 TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)",
                  "CAM corr. with teacher", "method", "teacher", "train (min)", "CPU latency b1 (ms)"]
@@ -151,21 +152,38 @@ def sample_for(checkpoint: LoadedCheckpoint, cifar_sample: str | Path) -> Sample
     return sample if sample.classes == checkpoint.classes else None
 
 
-def details(student: LoadedCheckpoint, find_checkpoint, cifar_sample: str | Path):
-    """What the Models tab shows for one model: per-class accuracy, confusion matrix, and a gallery
-    of sample images its teacher gets right and it gets wrong, with a note. ``find_checkpoint``
-    loads a checkpoint by name (the app's model cache)."""
-    charts = per_class_chart(student.meta), confusion_chart(student.meta)
+def mistakes_gallery(student: LoadedCheckpoint, find_checkpoint, cifar_sample: str | Path) -> tuple[list, str]:
+    """A gallery of sample images a model's teacher gets right and it gets wrong, with a note.
+    ``find_checkpoint`` loads a checkpoint by name (the app's model cache)."""
     recorded = student.meta.get("teacher")
     if not recorded:
-        return *charts, [], "No teacher recorded for this model."
+        return [], "No teacher recorded for this model."
     sample = sample_for(student, cifar_sample)
     if sample is None:
-        return *charts, [], "No sample images of this model's data set are shipped."
+        return [], "No sample images of this model's data set are shipped."
     try:
         teacher = find_checkpoint(recorded["name"])
     except CheckpointError:
-        return *charts, [], f"Teacher {recorded['name']} is not in the checkpoints folder."
+        return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
     gallery, count = student_mistakes(student, teacher, sample)
-    return *charts, gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} "
-                              f"classifies correctly and {student.name} does not (first {len(gallery)} shown).")
+    return gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} "
+                     f"classifies correctly and {student.name} does not (first {len(gallery)} shown).")
+
+
+def export_note(meta: dict[str, Any]) -> str:
+    """The ONNX export recorded in a checkpoint (``export --record``) as a Markdown code block; "" if none."""
+    recorded = meta.get("export")
+    if not recorded:
+        return ""
+    settings = recorded["settings"]
+    return (f"Exported (ONNX Runtime {recorded['onnxruntime']}, {settings['threads']} thread{'s' if settings['threads'] != 1 else ''}, "
+            f"{settings['test_images']:,} test images):\n\n```\n{format_table(recorded['rows'])}\n```")
+
+
+def details(student: LoadedCheckpoint, find_checkpoint, cifar_sample: str | Path):
+    """What the Models tab shows for one model: per-class accuracy, confusion matrix, the gallery of
+    :func:`mistakes_gallery`, and a note on it and on the model's recorded ONNX export."""
+    gallery, note = mistakes_gallery(student, find_checkpoint, cifar_sample)
+    exported = export_note(student.meta)
+    return (per_class_chart(student.meta), confusion_chart(student.meta), gallery,
+            f"{note}\n\n{exported}" if exported else note)

@@ -1,6 +1,8 @@
 """Training augmentation on whole batches of float tensors ``(B, C, H, W)`` in [0, 1], on any
 device. Every transform draws one random parameter per sample, so a batch of 512 costs a few
-tensor ops rather than 512 PIL calls."""
+tensor ops rather than 512 PIL calls. Drawing and applying are separate steps (``crop_offsets`` and
+``crop``, ...), so a process of a distributed run can draw for the whole global batch and apply
+its own rows' draws (:func:`augment_batch`)."""
 from __future__ import annotations
 
 import math
@@ -58,8 +60,17 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
     return flip_where(images, flip_draws(len(images), generator))
 
 
+def rotation_angles(batch: int, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random ``(B,)`` angles in radians within ``[-degrees, degrees]``."""
+    return (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(degrees)
+
+
 def random_rotation(images: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    angles = (torch.rand(len(images), generator=generator) * 2 - 1) * math.radians(degrees)
+    return rotate(images, rotation_angles(len(images), degrees, generator))
+
+
+def rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample by its angle ``(B,)`` (radians), reflecting at the borders."""
     cos, sin = angles.cos(), angles.sin()
     zeros = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
@@ -67,9 +78,19 @@ def random_rotation(images: torch.Tensor, degrees: float, generator: torch.Gener
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def jitter_factors(batch: int, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random ``(3, B)`` brightness, contrast and saturation factors in [1-s, 1+s]."""
+    return 1 + (torch.rand(3, batch, generator=generator) * 2 - 1) * strength
+
+
 def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Brightness, contrast and (for RGB) saturation, each scaled by a factor in [1-s, 1+s]."""
-    factors = (1 + (torch.rand(3, len(images), generator=generator) * 2 - 1) * strength).to(images)
+    return jitter(images, jitter_factors(len(images), strength, generator))
+
+
+def jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Scale brightness, contrast and (for RGB) saturation by ``factors`` ``(3, B)``."""
+    factors = factors.to(images)
     images = images * factors[0, :, None, None, None]
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = (images - mean) * factors[1, :, None, None, None] + mean
@@ -79,9 +100,18 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     return images.clamp(0, 1)
 
 
+def cutout_centers(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random ``(2, B)`` (row, column) square centres, as fractions of the height and width."""
+    return torch.rand(2, batch, generator=generator)
+
+
 def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    batch, _, height, width = images.shape
-    centers = torch.rand(2, batch, generator=generator)
+    return erase_squares(images, size, cutout_centers(len(images), generator))
+
+
+def erase_squares(images: torch.Tensor, size: int, centers: torch.Tensor) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square around each sample's centre ``(2, B)``."""
+    _, _, height, width = images.shape
     top = (centers[0] * height).long().to(images.device)[:, None] - size // 2
     left = (centers[1] * width).long().to(images.device)[:, None] - size // 2
     rows = torch.arange(height, device=images.device)[None]
@@ -92,17 +122,23 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator | None = 
     return images.masked_fill(mask[:, None], 0.0)
 
 
-def augment_batch(images: torch.Tensor, config: AugmentConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the configured transforms to float images in [0, 1], shape ``(B, C, H, W)``."""
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None,
+                  batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """Apply the configured transforms to float images in [0, 1], shape ``(B, C, H, W)``.
+
+    ``batch``/``rows``: ``images`` are the rows ``rows`` of a batch of ``batch`` samples (a process's
+    share of a global batch). Every random parameter is drawn for the whole batch and these rows'
+    are used, so the shares are augmented exactly as the whole batch would be.
+    """
+    count = len(images) if batch is None else batch
     if config.rotation > 0:
-        images = random_rotation(images, config.rotation, generator)
+        images = rotate(images, rotation_angles(count, config.rotation, generator)[rows])
     if config.crop_padding > 0:
-        images = random_crop(images, config.crop_padding, generator)
+        images = crop(images, config.crop_padding, crop_offsets(count, config.crop_padding, generator)[:, rows])
     if config.flip:
-        images = random_flip(images, generator)
+        images = flip_where(images, flip_draws(count, generator)[rows])
     if config.color_jitter > 0:
-        images = color_jitter(images, config.color_jitter, generator)
+        images = jitter(images, jitter_factors(count, config.color_jitter, generator)[:, rows])
     if config.cutout > 0:
-        images = cutout(images, config.cutout, generator)
+        images = erase_squares(images, config.cutout, cutout_centers(count, generator)[:, rows])
     return images

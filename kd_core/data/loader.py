@@ -1,5 +1,8 @@
 """Batches straight from in-memory uint8 tensors: shuffle, move to the device, scale, augment,
-normalize. No worker processes and no per-sample Python work."""
+normalize. No worker processes and no per-sample Python work.
+
+In a run over several processes (kd_core.distributed) each loader yields its process's share of
+every global batch: the same order and augmentation draws in every process, its own rows kept."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -19,36 +22,61 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images - mean_t) / std_t
 
 
+def shard(count: int, rank: int, world_size: int, even: bool = True) -> slice:
+    """The rows of a batch of ``count`` that process ``rank`` of ``world_size`` takes: contiguous and
+    disjoint from the others'. ``even``: ``count // world_size`` each, the rest left out (training:
+    every process's mean loss then weighs the same); else shares differing by at most one that
+    together cover every row (evaluation)."""
+    if even:
+        share = count // world_size
+        return slice(rank * share, (rank + 1) * share)
+    return slice(count * rank // world_size, count * (rank + 1) // world_size)
+
+
 class BatchLoader:
-    """Iterates ``(images, labels)`` batches of a :class:`Split`; a new order every epoch."""
+    """Iterates ``(images, labels)`` batches of a :class:`Split`; a new order every epoch.
+
+    ``rank``/``world_size``: the batches are global, of ``batch_size``; this loader yields process
+    ``rank``'s ``batch_size / world_size`` rows of each (:func:`shard`). A last, partial batch is cut
+    to a multiple of ``world_size`` (dropped when smaller).
+    """
 
     def __init__(self, split: Split, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  shuffle: bool = False, augment: AugmentConfig | None = None, drop_last: bool = False,
-                 device: torch.device | str = "cpu", seed: int = 0, channels_last: bool = False):
+                 device: torch.device | str = "cpu", seed: int = 0, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split over {world_size} processes: it is the global "
+                             f"batch, each process taking batch_size / {world_size}; use a multiple of {world_size}")
         self.split, self.batch_size, self.mean, self.std = split, batch_size, mean, std
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.split), self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return full if self.drop_last or rest < self.world_size else full + 1
 
     def __iter__(self) -> Iterator[tuple]:
         count = len(self.split)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
         for batch_index in range(len(self)):
-            yield self.batch(order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size])
+            index = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]  # the global batch
+            yield self.batch(index, shard(len(index), self.rank, self.world_size))
 
-    def batch(self, index: torch.Tensor) -> tuple:
-        """``(images, labels)`` of the samples ``index``, augmented and normalized."""
-        images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
+    def batch(self, index: torch.Tensor, rows: slice = slice(None)) -> tuple:
+        """``(images, labels)`` of the samples ``index[rows]``, augmented and normalized; the random
+        augmentation is drawn for all of ``index``, so every share of a batch is augmented as the
+        whole batch would be."""
+        mine = index[rows]
+        images = self.split.images[mine].to(self.device, non_blocking=True).float().div_(255)
         if self.augment is not None:
-            images = augment_batch(images, self.augment, self.generator)
-        return self.finish(images), self.split.labels[index].to(self.device, non_blocking=True)
+            images = augment_batch(images, self.augment, self.generator, batch=len(index), rows=rows)
+        return self.finish(images), self.split.labels[mine].to(self.device, non_blocking=True)
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] -> normalized, in the loader's memory format."""

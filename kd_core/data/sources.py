@@ -142,6 +142,18 @@ def parse_source(source: object) -> tuple[str, Path | None]:
     raise DataError(f"unknown data source {source!r}; use {', '.join(BUILTIN_SOURCES)} or folder:PATH")
 
 
+def source_name(source: str) -> str:
+    """How a data source is named to people: a built-in's name, else the folder's or archive's own
+    name without its path (``folder:/srv/data/cifar10-jpeg.tar.gz`` -> ``cifar10-jpeg``)."""
+    kind, path = parse_source(source)
+    if path is None:
+        return kind
+    name = path.name
+    for suffix in (".tar.gz", ".tgz"):
+        name = name.removesuffix(suffix)
+    return name or kind
+
+
 def _cached(cache_dir: Path, source: str, key: str, build) -> DataBundle:
     cache_file = cache_dir / f"{key}.safetensors"
     if cache_file.exists():

@@ -200,9 +200,10 @@ def _teacher_weights(teacher: Path) -> str:
 def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seeds: Iterable[int],
               teacher: Path | None, data: str, cache_dir: Path | None = None,
               temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
-              callbacks: Callable[[], list[Callback]] = list, log: Callable[[str], None] = print,
+              callbacks: Callable[[str], list[Callback]] = lambda name: [], log: Callable[[str], None] = print,
               reuse: Iterable[Path] = ()) -> str:
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary.
+    ``callbacks(run_name)`` gives each run's callbacks.
 
     ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
     come, so a study stopped halfway leaves a table of what it has."""
@@ -272,7 +273,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                                    output=folder / f"{name}.safetensors",
                                    state_path=folder / name / "resume.safetensors", cache_dir=cache_dir)
             log(f"{kind}: {variant.label}, seed {seed}")
-            result, path = run(spec, callbacks=callbacks())
+            result, path = run(spec, callbacks=callbacks(name))
             if path is None:
                 raise KeyboardInterrupt
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..data.sources import default_cache_dir
-from .spec import JobSpec, default_name, validate_spec
+from .spec import JobSpec, check_bank, default_name, validate_spec
 from .store import JobStore
 
 TERM_GRACE_SECONDS = 1.5      # after SIGTERM, before SIGKILL
@@ -59,6 +59,22 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
+def job_processes(setting: str) -> int:
+    """How many processes a job trains in: ``KD_JOB_PROCESSES`` is a number, or ``auto`` (every
+    local GPU when there is more than one, else one process)."""
+    if setting in ("", "auto"):
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    try:
+        count = int(setting)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"KD_JOB_PROCESSES must be 'auto' or a whole number >= 1, got {setting!r}")
+    return count
+
+
 class JobManager:
     def __init__(self, runs_dir: str | Path = "runs", checkpoints_dir: str | Path = "checkpoints",
                  max_concurrent: int = 1, *, env: Mapping[str, str] | None = None,
@@ -78,6 +94,7 @@ class JobManager:
         self.checkpoints_dir = Path(checkpoints_dir).resolve()
         self.max_concurrent = max_concurrent
         self.env = dict(env or {})
+        job_processes({**os.environ, **self.env}.get("KD_JOB_PROCESSES", "auto"))  # a bad setting fails here
         self.data_sources = list(data_sources) if data_sources is not None else None
         self.heartbeat_timeout = heartbeat_timeout
         self.max_active, self.max_active_per_owner = max_active, max_active_per_owner
@@ -110,17 +127,20 @@ class JobManager:
     def submit(self, spec: JobSpec | Mapping[str, Any], owner: str | None = None) -> dict[str, Any]:
         """Check ``spec`` completely, queue it, start it if a slot is free; the new job.
 
-        Raises ``ValueError`` whose message starts with the offending field. The checkpoint name
+        Raises ``ValueError`` whose message starts with the offending field (a teacher bank beyond
+        :data:`~kd_core.jobs.spec.MAX_BANK_BYTES` included; ``bank`` in the job returned says what
+        it will hold). The checkpoint name
         is the spec's ``name`` (default ``<student>-<terms>``), suffixed ``-2``, ``-3``... when a
         checkpoint or another job already has it.
         """
         spec = validate_spec(spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec), self.checkpoints_dir,
                              self.data_sources)
+        bank = check_bank(spec, self.checkpoints_dir, self.env.get("KD_CACHE_DIR"))
         taken = {path.stem for path in self.checkpoints_dir.glob("*.safetensors")}
         job_id = self.store.create(spec.to_dict(), spec.name or default_name(spec), taken, owner=owner,
                                    max_active=self.max_active, max_active_per_owner=self.max_active_per_owner)
         self.tick()
-        return self.get_job(job_id)
+        return {**self.get_job(job_id), "bank": bank}
 
     def _require_owner(self, job_id: int, owner: str | None, action: str) -> dict[str, Any]:
         """The job, when ``owner`` may change it: it launched it, or it is the operator (``None``)."""
@@ -199,12 +219,20 @@ class JobManager:
 
     # -- processes --------------------------------------------------------------------------------
 
+    def worker_command(self, job_id: int, processes: int = 1) -> list[str]:
+        """The worker's command line: one process, or ``processes`` under torchrun (one per GPU)."""
+        worker = ["-m", "kd_core.jobs.worker", "--runs", str(self.store.runs_dir),
+                  "--checkpoints", str(self.checkpoints_dir), "--job", str(job_id)]
+        if processes <= 1:
+            return [sys.executable, *worker]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                "--max-restarts=0", *worker]
+
     def _launch(self, job: dict[str, Any]) -> None:
         run_dir = self.store.run_dir(job["id"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "kd_core.jobs.worker", "--runs", str(self.store.runs_dir),
-                   "--checkpoints", str(self.checkpoints_dir), "--job", str(job["id"])]
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        command = self.worker_command(job["id"], job_processes(environment.get("KD_JOB_PROCESSES", "auto")))
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), environment.get("PYTHONPATH")]))
         try:
             with open(run_dir / "worker.log", "ab") as log:

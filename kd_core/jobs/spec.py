@@ -12,10 +12,11 @@ from typing import Any, Mapping, Sequence
 
 from .. import models
 from ..experiments import recipes
-from ..checkpoint import NAME, SUFFIX, CheckpointError, checkpoint_file, read_metadata
-from ..data import DataError
-from ..data.sources import parse_source
-from ..losses import LOSSES
+from ..checkpoint import NAME, SUFFIX, CheckpointError, checkpoint_file, load_checkpoint, read_metadata
+from ..data import DataError, load_data
+from ..data.sources import parse_source, source_name
+from ..losses import LOSSES, feature_shape
+from ..training.teacher_bank import bank_bytes
 from ..run import RunSpec, method_name
 from ..training import TrainConfig
 from ..training.config import with_overrides
@@ -68,6 +69,7 @@ MAX_BATCH_SIZE = 4096
 MAX_LR = 10.0
 MAX_TEMPERATURE = 100.0
 MAX_LIMIT = 10_000_000
+MAX_BANK_BYTES = 4 * 2**30  # a job's teacher bank, in memory and in the cache folder
 
 
 def distillation_recipes() -> list[str]:
@@ -140,6 +142,37 @@ def _weights(weights: Any) -> dict[str, float]:
     return checked
 
 
+def bank_size(spec: JobSpec, checkpoints_dir: Path, cache_dir: Path | None = None) -> int:
+    """Bytes the teacher bank of a checked ``spec`` will hold (0 when it runs the teacher at every
+    step): its views of every training image (the ``limit`` subset), from the teacher's checkpoint."""
+    config = train_config(spec)
+    active = [name for name, weight in config.loss_weights.items() if weight > 0]
+    if not config.teacher_views or not any(LOSSES.get(name).needs_teacher for name in active):
+        return 0
+    teacher = load_checkpoint(teacher_path(spec.teacher, checkpoints_dir))
+    recorded = teacher.meta["data"]
+    images = recorded.get("train_size") if recorded.get("source") == spec.data else None
+    if images is None:
+        images = len(load_data(spec.data, cache_dir=cache_dir).train)
+    if config.limit:
+        images = min(images, config.limit)
+    shape = feature_shape(teacher.model, tuple(recorded["input_size"]))
+    reads_features = any(LOSSES.get(name).needs_teacher and LOSSES.get(name).needs_teacher_features for name in active)
+    return bank_bytes(config.teacher_views, images, len(teacher.classes),
+                      shape[1:] if teacher.model.cam_layer is not None else None, shape if reads_features else None)
+
+
+def check_bank(spec: JobSpec, checkpoints_dir: Path, cache_dir: Path | None = None) -> str:
+    """What a checked job's teacher bank will hold, said in the job's message ("" without one);
+    ``ValueError`` beyond :data:`MAX_BANK_BYTES`."""
+    size, views = bank_size(spec, checkpoints_dir, cache_dir), train_config(spec).teacher_views
+    if size > MAX_BANK_BYTES:
+        raise ValueError(f"teacher_views: a bank of {views} views would hold {size / 2**30:.1f} GB, more than this "
+                         f"server's {MAX_BANK_BYTES / 2**30:.0f} GB; use fewer views, a subset (limit), or 0 views "
+                         "(the teacher at every step)")
+    return f"its teacher bank will hold {size / 2**20:,.2f} MB ({views} views)" if size else ""
+
+
 def teacher_path(name: Any, checkpoints_dir: Path) -> Path:
     """The checkpoint file called ``name`` inside ``checkpoints_dir``; ``ValueError`` for anything else."""
     try:
@@ -160,7 +193,7 @@ def _check_data(source: Any, offered: Sequence[str] | None) -> str:
     except DataError as error:
         raise ValueError(f"data: {error}") from None
     if path is not None and not path.exists():
-        raise ValueError(f"data: {str(path)!r} does not exist")
+        raise ValueError(f"data: the data set {source_name(source)!r} is not on this server (its folder is gone)")
     return source
 
 

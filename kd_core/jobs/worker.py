@@ -1,6 +1,7 @@
 """``python -m kd_core.jobs.worker --runs DIR --job ID [--checkpoints DIR]``: run one job.
 
-The job manager starts one worker process per running job, in a session of its own. The worker
+The job manager starts one worker process per running job, in a session of its own (or, with
+``KD_JOB_PROCESSES`` above 1, torchrun and that many workers: the first reports and saves). The worker
 trains through :func:`kd_core.run.run`, reports progress, metrics and loss points to the job store,
 and ends the job as completed, failed, cancelled or (stopped by a signal other than a cancel)
 interrupted. SIGTERM or the store's cancel flag stop it after the current step; the last finished
@@ -18,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import distributed
 from ..runtime import reuse_freed_memory
 from ..run import RunSpec, run
 from ..training import Callback, EpochInfo, StepInfo, Trainer
@@ -109,8 +111,36 @@ def _heartbeat(store: JobStore, job_id: int, stopped: threading.Event) -> None:
             pass  # a busy database costs one beat, not the job
 
 
+def job_callbacks(store: JobStore, job_id: int, name: str | None) -> list[Callback]:
+    """The job's progress reporter, and TensorBoard curves under ``$KD_TENSORBOARD_DIR/job-<id>-<name>``
+    when the operator sets that folder."""
+    callbacks: list[Callback] = [JobReporter(store, job_id)]
+    if os.environ.get("KD_TENSORBOARD_DIR"):
+        from ..training.tensorboard import TensorBoardLogger
+
+        callbacks.append(TensorBoardLogger(Path(os.environ["KD_TENSORBOARD_DIR"]) / f"job-{job_id}-{name or 'run'}"))
+    return callbacks
+
+
+def _run_beside(store: JobStore, job_id: int, checkpoints_dir: Path) -> int:
+    """A process other than the first of a job trained under torchrun: it trains its share and
+    writes nothing (the first process reports, saves and ends the job)."""
+    job = store.get(job_id)
+    if job is None or job["state"] != "running" or job["cancel_requested"]:
+        return 0
+    try:
+        run_spec = build_run_spec(job, store, checkpoints_dir)
+        run(run_spec, stop_hook=lambda trainer: signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop()))
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def run_job(store: JobStore, job_id: int, checkpoints_dir: Path) -> int:
     """Run job ``job_id`` (which the manager marked running) to its end; the exit status."""
+    if not distributed.is_main():
+        return _run_beside(store, job_id, checkpoints_dir)
     job = store.get(job_id)
     if job is None or job["state"] != "running":
         print(f"job {job_id} is {job['state'] if job else 'unknown'}, not running: nothing to do", file=sys.stderr)
@@ -128,7 +158,7 @@ def run_job(store: JobStore, job_id: int, checkpoints_dir: Path) -> int:
     threading.Thread(target=_heartbeat, args=(store, job_id, stopped), daemon=True).start()
     try:
         run_spec = build_run_spec(job, store, checkpoints_dir)
-        result, path = run(run_spec, callbacks=[JobReporter(store, job_id)], stop_hook=stop_on_sigterm)
+        result, path = run(run_spec, callbacks=job_callbacks(store, job_id, run_spec.name), stop_hook=stop_on_sigterm)
     except Exception as error:
         traceback.print_exc()
         store.update(job_id, only_if=("running",), state="failed", error=one_line(error), message="failed",
@@ -156,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the teacher checkpoints and of the checkpoint to write")
     args = parser.parse_args(argv)
     reuse_freed_memory()
-    return run_job(JobStore(args.runs), args.job, args.checkpoints)
+    distributed.init_from_env()  # started by torchrun when the job trains on several GPUs (KD_JOB_PROCESSES)
+    try:
+        return run_job(JobStore(args.runs), args.job, args.checkpoints)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

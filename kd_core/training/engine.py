@@ -1,5 +1,7 @@
 """The one training loop: teachers, baseline students and distillation differ only in the
-objective (see :mod:`kd_core.losses`) and in whether a frozen teacher runs beside the student."""
+objective (see :mod:`kd_core.losses`) and in whether a frozen teacher runs beside the student.
+Under torchrun the same loop runs in every process, each on its share of every global batch
+(:mod:`kd_core.distributed` says how gradients, batch norm, metrics and files are shared)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +13,10 @@ from typing import Iterable
 
 import torch
 
+from .. import distributed
 from ..checkpoint import weights_sha256
 from ..data import BatchLoader, DataBundle
+from ..data.loader import shard
 from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
 from ..models import Classifier
@@ -66,7 +70,8 @@ class Trainer:
         """``bank_dir``: where teacher banks are kept for reuse (``config.teacher_views > 0``);
         None keeps them in memory only."""
         self.config = config.validate()
-        self.device = resolve_device(config.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.device = distributed.process_device(resolve_device(config.device))
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         seed_everything(config.seed)
@@ -79,7 +84,8 @@ class Trainer:
         drop_last = len(self.train_split) >= 2 * config.batch_size
         self.train_loader = BatchLoader(self.train_split, config.batch_size, data.mean, data.std, shuffle=True,
                                         augment=config.augment, drop_last=drop_last, device=self.device,
-                                        seed=config.seed, channels_last=config.channels_last)
+                                        seed=config.seed, channels_last=config.channels_last,
+                                        rank=self.rank, world_size=self.world_size)
         self.targets = targets if targets is not None else teacher_targets(
             self.teacher, config, self.objective.needs_teacher, bank_dir)
         if isinstance(self.targets, BankedTeacher):
@@ -145,8 +151,13 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the state file when there is one; returns whether it did."""
-        if self.state_path is None or not self.state_path.exists():
+        found = self.state_path is not None and self.state_path.exists()
+        seen_by = distributed.sum_numbers([found])[0]  # the processes that see the state file
+        if not seen_by:
             return False
+        if seen_by < self.world_size:
+            raise ValueError(f"only some processes of this run see its state {self.state_path}; "
+                             "put the run folder on a file system every machine shares")
         saved = read_state_info(self.state_path)
         changed = sorted(changed_settings(saved["config"], self.config.to_json()))  # newer settings: defaults
         if saved.get("teacher_sha256", self.teacher_sha256) != self.teacher_sha256:
@@ -169,7 +180,13 @@ class Trainer:
         """Finish the current step, then return; the last finished epoch stays resumable."""
         self.stop_requested = True
 
+    def stop_agreed(self) -> bool:
+        """Whether some process was asked to stop: they all stop after the same step."""
+        return distributed.any_true(self.stop_requested)
+
     def emit(self, event: str, *args) -> None:
+        if not distributed.is_main():  # progress, logs and job records come from one process
+            return
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
 
@@ -188,11 +205,12 @@ class Trainer:
             logits = self.model.forward_head(features)             # (B, K)
             teacher_output = self.targets.outputs(images, banked) if self.targets else None
             losses = self.objective(StepOutputs(ModelOutput(features, logits, self.model), teacher_output, labels))
-        if not torch.isfinite(losses["loss"]):
+        if not distributed.all_true(torch.isfinite(losses["loss"])):  # every process raises at the same step
             raise NonFiniteLoss(f"the loss became {losses['loss'].item()} at step {self.global_step}; "
                                 "lower the learning rate or the loss weights")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
+        distributed.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses, logits
@@ -209,12 +227,19 @@ class Trainer:
         return self.ema if self.ema is not None else self.model
 
     def evaluate(self) -> dict[str, float]:
-        """Test top-1 and loss of the model being trained (its EMA when on), under autocast."""
-        logits = predict(self.evaluation_model(), self.data.test.images, self.data.mean, self.data.std,
+        """Test top-1 and loss of the model being trained (its EMA when on), under autocast; in a
+        distributed run each process scores its share of the test split and the sums are added."""
+        share = shard(len(self.data.test), self.rank, self.world_size, even=False)
+        logits = predict(self.evaluation_model(), self.data.test.images[share], self.data.mean, self.data.std,
                          device=self.device, amp_dtype=self.amp_dtype)
-        labels = self.data.test.labels
-        return {"test_top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
-                "test_loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+        labels = self.data.test.labels[share]
+        if self.world_size == 1:
+            return {"test_top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
+                    "test_loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+        correct, loss, count = distributed.sum_numbers([
+            (logits.argmax(1) == labels).sum().item(),
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)])
+        return {"test_top1": 100.0 * correct / count, "test_loss": loss / count}
 
     def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
         """One pass over the training split; its mean losses and training top-1, or None when a stop
@@ -236,9 +261,10 @@ class Trainer:
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             self.emit("on_step_end", StepInfo(epoch, step, steps_per_epoch, self.global_step, lr, values))
-            if self.stop_requested:
+            if self.stop_agreed():
                 return None
-        metrics = {name: total / seen for name, total in sums.items()}
+        *totals, correct, seen = distributed.sum_numbers([*sums.values(), correct, seen])  # over processes
+        metrics = {name: total / seen for name, total in zip(sums, totals)}
         metrics["train_top1"] = 100.0 * correct / seen
         return metrics
 
@@ -256,9 +282,12 @@ class Trainer:
             self._maybe_init_from_data()
             if self.ema is not None:
                 self.ema.load_state_dict(self.model.state_dict())
+        distributed.broadcast_modules(self._modules().values())  # every process starts from rank 0's weights
+        if self.world_size > 1:  # dropout masks of each process's own, drawn from the (shared, saved) state
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
         self.emit("on_train_start")
         for epoch in range(self.start_epoch, self.config.epochs):
-            if self.stop_requested:  # asked between epochs (e.g. in on_epoch_end): train no more steps
+            if self.stop_agreed():  # asked between epochs (e.g. in on_epoch_end): train no more steps
                 break
             started = time.perf_counter()
             train_metrics = self.train_one_epoch(epoch)
@@ -266,11 +295,12 @@ class Trainer:
                 break
             last = epoch == self.config.epochs - 1
             evaluate_now = last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0)
+            distributed.average_buffers(self._modules().values())  # batch-norm statistics, the same everywhere
             test_metrics = self.evaluate() if evaluate_now else {}
             self.train_seconds += time.perf_counter() - started
             info = EpochInfo(epoch, self.config.epochs, train_metrics, test_metrics, time.perf_counter() - started)
             self.history.append(info)
-            if self.state_path is not None:
+            if self.state_path is not None and distributed.is_main():
                 self._save_state(epoch)
             self.emit("on_epoch_end", info)
         self.emit("on_train_end")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import distributed
 from ..checkpoint import weights_sha256
 from ..losses import ModelOutput
 from ..models import Classifier
@@ -53,7 +54,9 @@ class BankedTeacher(LiveTeacher):
 
     def prepare(self, trainer: "Trainer") -> bool:
         """Build (or load) the bank and switch the trainer to its views; False when a stop asked for
-        during the build abandoned it."""
+        during the build abandoned it. In a distributed run rank 0 builds the bank and writes the cache
+        file, then the others read it (or build the same bank without writing it: a cache folder they
+        do not share)."""
         config = trainer.config
         # maps are kept whenever the teacher has them, so runs with and without the CAM term share a bank
         cam_target = config.cam_target if self.teacher.cam_layer is not None else None
@@ -69,14 +72,19 @@ class BankedTeacher(LiveTeacher):
                               progress=lambda done, total: trainer.emit("on_bank_progress", done, total),
                               should_stop=lambda: trainer.stop_requested)
 
-        bank = load_or_build_bank(self.bank_dir, key, build, config.augment.crop_padding)
-        if bank is None:
+        padding, bank = config.augment.crop_padding, None
+        if distributed.is_main():
+            bank = load_or_build_bank(self.bank_dir, key, build, padding)
+        if distributed.broadcast_object(bank is not None) and not distributed.is_main():
+            bank = load_or_build_bank(self.bank_dir, key, build, padding, save=False)
+        if not distributed.all_true(bank is not None):  # a stop during a build: every process abandons it
             return False
         self.bank_seconds, self.bank_reused = bank.build_seconds or 0.0, bank.reused
         trainer.train_loader = BankLoader(trainer.train_split, bank, config.batch_size, trainer.data.mean,
                                           trainer.data.std, drop_last=trainer.train_loader.drop_last,
                                           device=trainer.device, seed=config.seed,
-                                          channels_last=config.channels_last, mirror=config.mirror_views)
+                                          channels_last=config.channels_last, mirror=config.mirror_views,
+                                          rank=trainer.rank, world_size=trainer.world_size)
         return True
 
     def outputs(self, images: torch.Tensor, banked: TeacherTargets | None = None) -> ModelOutput:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -179,6 +180,16 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
     return bank
 
 
+def bank_bytes(views: int, images: int, num_classes: int, cam_shape: Sequence[int] | None,
+               feature_shape: Sequence[int] | None) -> int:
+    """What a bank of ``views`` views of ``images`` images holds, in memory and in its cache file:
+    per view and image, its crop offsets and flip, the logits (float32), the CAM (float32) when the
+    teacher has one, and the feature maps (bfloat16) when a term reads them."""
+    per_view = 2 + 1 + 4 * num_classes + (4 * math.prod(cam_shape) if cam_shape else 0) \
+        + (2 * math.prod(feature_shape) if feature_shape else 0)
+    return views * images * per_view
+
+
 def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
     """Refuse a bank whose feature maps would not fit comfortably in memory."""
     with torch.no_grad():
@@ -192,11 +203,12 @@ def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
 
 
 def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Callable[[], TeacherBank | None],
-                       padding: int) -> TeacherBank | None:
+                       padding: int, save: bool = True) -> TeacherBank | None:
     """The bank saved under ``key`` in ``cache_dir``, else ``build()`` and save it (atomically).
     ``cache_dir=None`` keeps the bank in memory only. A damaged file is rebuilt, never trusted; an
     abandoned build (None) is not saved. The file records how long the build took, so a run that
-    reuses the bank can still report what the bank cost."""
+    reuses the bank can still report what the bank cost. ``save=False``: read the cache folder, never
+    write it (the processes of a distributed run other than rank 0)."""
     path = Path(cache_dir) / "teacher-banks" / f"{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
         try:
@@ -213,7 +225,7 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
     bank = build()
     if bank is not None:
         bank.build_seconds = time.perf_counter() - started
-    if bank is not None and path is not None:
+    if bank is not None and path is not None and save:
         with atomic_path(path) as temporary:
             save_file(bank.tensors(), str(temporary),
                       metadata={"version": str(BANK_VERSION), "build_seconds": f"{bank.build_seconds:.3f}"})
@@ -227,14 +239,16 @@ class BankLoader(BatchLoader):
 
     def __init__(self, split: Split, bank: TeacherBank, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  drop_last: bool = False, device: torch.device | str = "cpu", seed: int = 0,
-                 channels_last: bool = False, mirror: bool = False):
+                 channels_last: bool = False, mirror: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__(split, batch_size, mean, std, shuffle=True, augment=None, drop_last=drop_last,
-                         device=device, seed=seed, channels_last=channels_last)
+                         device=device, seed=seed, channels_last=channels_last, rank=rank, world_size=world_size)
         self.bank, self.mirror = bank, mirror
 
-    def batch(self, index: torch.Tensor) -> tuple:
-        view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)
-        mirror = flip_draws(len(index), self.generator) if self.mirror else None
+    def batch(self, index: torch.Tensor, rows: slice = slice(None)) -> tuple:
+        """The samples ``index[rows]``; views and mirrors are drawn for all of ``index`` (see BatchLoader)."""
+        view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)[rows]
+        mirror = flip_draws(len(index), self.generator)[rows] if self.mirror else None
+        index = index[rows]
         images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
         images = self.finish(self.bank.view_images(images, index, view, mirror))
         labels = self.split.labels[index].to(self.device, non_blocking=True)

@@ -1,4 +1,4 @@
-"""``python -m kd_core``: train, distill, evaluate, study, import, export, list, recipes, models.
+"""``python -m kd_core``: train, distill, evaluate, study, import, export, benchmark, list, recipes, models.
 
 Every failure the user can cause (an unknown model, a missing data set, an impossible value, a
 broken checkpoint) ends in one line ``error: ...`` on stderr and exit status 2.
@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write an ONNX model, check it against PyTorch on the test split, optionally quantize it to "
                     "int8, and print a table of size, accuracy, agreement and latency."))
 
+    from .bench import add_arguments as add_benchmark_arguments
+
+    add_benchmark_arguments(commands.add_parser(
+        "benchmark", help="time the engine against the usual training loop and the machine's peak",
+        description="Measure, in one run: the reference training loop against the engine (live teacher and teacher "
+                    "bank), the machine's matrix-multiply peak and each row's share of it, explain latency, and every "
+                    "shipped checkpoint's evaluation throughput and batch-1 latency. A probe subcommand runs one "
+                    "measurement alone."))
     commands.add_parser("recipes", help="list the named recipes and the command that runs each")
     commands.add_parser("models", help="list the model zoo with parameter counts for 3x32x32 input")
     return parser
@@ -530,6 +538,12 @@ def _export(args: argparse.Namespace) -> int:
     return export_main(args)
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from .bench import run as run_benchmark
+
+    return run_benchmark(args)
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for name in recipes.names():
         recipe = recipes.get(name)
@@ -551,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": lambda: _train(args, False), "distill": lambda: _train(args, True),
                 "evaluate": lambda: _evaluate(args), "study": lambda: _study(args), "list": lambda: _list(args),
                 "recipes": lambda: _recipes(args), "models": lambda: _models(args),
-                "import": lambda: _import(args), "export": lambda: _export(args)}
+                "import": lambda: _import(args), "export": lambda: _export(args),
+                "benchmark": lambda: _benchmark(args)}
     if args.command in ("train", "distill", "study"):
         reuse_freed_memory()
     try:

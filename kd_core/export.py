@@ -16,10 +16,8 @@ that forward takes its batched path (every view in one pass) for any batch up to
 logits the per-view path computes.
 
 int8 is ONNX Runtime's static quantization after ``quant_pre_process``: QDQ format, int8 weights
-per output channel, int8 activations, MinMax ranges over ``--calibration`` training images. On the
-shipped airnet-micro-kd, measured on 5,000 held-out training images, per-tensor weights lost 1.9
-points of top-1, per-channel 0.18; Percentile ranges gave 0.1 points more at twice the
-calibration time, and Entropy (ONNX Runtime's 128 bins) the same ranges as MinMax.
+per output channel, int8 activations, MinMax ranges over ``--calibration`` training images (how
+these were chosen: docs/experiments.md, "ONNX and int8 export").
 """
 from __future__ import annotations
 

@@ -1,12 +1,21 @@
-"""``python -m kd_core.bench distill``: times both ways of distilling and costs a run."""
+"""``python -m kd_core benchmark``: the distill probe (both ways of distilling, the cost of a run),
+the benchmark's parts on tiny data (peak, work accounting, the reference loop and its objective),
+and the whole quick benchmark on the real CIFAR-10 copy."""
 from __future__ import annotations
 
+import json
 import re
+import tarfile
+from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import write_image_folder
-from kd_core.bench import bench_distill, main
+from helpers import REAL_CIFAR, write_image_folder
+from kd_core import models
+from kd_core.bench import bench_distill, main, peak
+from kd_core.bench.reference import distillation_loss, image_folder, reference_distill
+from kd_core.losses import ModelOutput, StepOutputs, build_objective
 from kd_core.run import RunSpec, run
 from kd_core.training import TrainConfig
 
@@ -57,3 +66,93 @@ def test_bench_without_teacher_terms_times_one_way(teacher, capsys):
 def test_bench_distill_refuses_nonsense(teacher, capsys):
     assert main(["distill", "--teacher", str(teacher), "--student", "camnet", "--steps", "0"]) == 2
     assert "error: steps, views and batch size must be at least 1" in capsys.readouterr().err
+
+
+# --- python -m kd_core benchmark: its parts on tiny data, the whole on the real copy --------------
+
+def test_matmul_peak_and_the_work_accounting():
+    assert peak.matmul_gflops(torch.float32, size=64, repeats=2) > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        peak.matmul_gflops(size=0)
+    assert peak.training_macs(10, 5) == 3 * 10 + 5 and peak.training_macs(10) == 30
+    assert peak.achieved_gflops(1_000_000_000, 2.0) == pytest.approx(4.0)  # 2 FLOPs per MAC
+
+
+def test_reference_objective_equals_the_engines():
+    """The yardstick optimizes exactly what the engine does: CE + KD (T^2) + CAM, same weights."""
+    torch.manual_seed(0)
+    student, teacher = models.create("camnet"), models.create("resnet8").eval()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    weights = {"ce": 0.25, "kd": 0.75, "cam": 1.0}
+    objective = build_objective(weights, student, teacher, (3, 32, 32),
+                                {"kd": {"temperature": 4.0}, "cam": {"target": "teacher", "distance": "l1"}})
+    s_features = student.forward_features(images)
+    s_logits = student.forward_head(s_features)
+    with torch.no_grad():
+        t_features = teacher.forward_features(images)
+        t_logits = teacher.forward_head(t_features)
+    engine = objective(StepOutputs(ModelOutput(s_features, s_logits, student), ModelOutput(t_features, t_logits, teacher),
+                                   labels))["loss"]
+    ours = distillation_loss(s_logits, t_logits, labels, weights, 4.0, student, s_features, teacher, t_features)
+    assert ours.item() == pytest.approx(engine.item(), rel=1e-5)
+
+
+def test_reference_loop_trains_from_an_image_folder(tmp_path):
+    write_image_folder(tmp_path / "data", ["a", "b"], {"train": 8}, size=32)
+    torch.manual_seed(0)
+    student, teacher = models.create("lightnn", num_classes=2), models.create("resnet8", num_classes=2)
+    before = [p.detach().clone() for p in student.parameters()]
+    result = reference_distill(teacher, student, tmp_path / "data", [0.5] * 3, [0.25] * 3, {"ce": 0.25, "kd": 0.75},
+                               steps=2, warmup=1, batch_size=4, workers=0)
+    assert result["images_per_second"] > 0 and result["step_seconds"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # it trained
+    with pytest.raises(ValueError, match="fewer than the 9 steps"):
+        reference_distill(teacher, student, tmp_path / "data", [0.5] * 3, [0.25] * 3, {"ce": 1.0},
+                          steps=8, warmup=1, batch_size=4, workers=0)
+
+
+def test_image_folder_unpacks_an_archive_once(tmp_path):
+    write_image_folder(tmp_path / "tree" / "cifar", ["a", "b"], {"train": 2, "test": 1})
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "cifar", arcname="cifar")
+    first = image_folder(f"folder:{archive}", tmp_path / "cache")
+    assert sorted(p.name for p in (first / "train").iterdir()) == ["a", "b"]
+    stamp = first.stat().st_mtime_ns
+    assert image_folder(f"folder:{archive}", tmp_path / "cache") == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no scratch folder left behind
+    assert image_folder(f"folder:{tmp_path / 'tree' / 'cifar'}") == tmp_path / "tree" / "cifar"
+    with pytest.raises(ValueError, match="not a folder"):
+        image_folder("cifar10")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_every_figure(tmp_path, capsys, real_cifar, real_cache_dir):
+    """CI runs ``benchmark --quick`` on the real copy and the shipped checkpoints: every figure is
+    there and positive (their values are for a full run on an idle machine)."""
+    report_path = tmp_path / "bench.json"
+    assert main(["--quick", "--json", str(report_path), "--checkpoints", str(SHIPPED), "--data",
+                 f"folder:{REAL_CIFAR}", "--cache-dir", str(real_cache_dir)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["peak_gflops"]["float32"] > 0 and report["peak_gflops"]["bfloat16"] > 0
+    assert len(report["training"]) == 8
+    for row in report["training"]:
+        assert row["images_per_second"] > 0 and row["run_minutes"] > 0 and 0 < row["peak_fraction"]
+        assert f"| {row['pair']} | {row['way']} |" in out
+    assert [row["speedup"] for row in report["training"][::4]] == [1.0, 1.0]  # each pair's reference row
+    assert report["explain"]["median_ms"] > 0 and report["explain"]["p95_ms"] >= report["explain"]["median_ms"]
+    assert "p95" in out
+    shipped = sorted(path.stem for path in SHIPPED.glob("*.safetensors"))
+    assert sorted(row["name"] for row in report["checkpoints"]) == shipped
+    for row in report["checkpoints"]:
+        assert row["images_per_second"] > 0 and row["batch1_ms"] > 0 and row["macs_per_image"] > 0
+        assert f"| {row['name']} |" in out
+
+
+def test_benchmark_names_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["--quick", "--checkpoints", str(tmp_path)]) == 2
+    assert "the benchmark needs" in capsys.readouterr().err

@@ -350,14 +350,14 @@ def test_concurrent_gets_load_once(tmp_path, monkeypatch):
 
 # --- benchmark -----------------------------------------------------------------------------------
 
-def test_bench_command_reports_median_and_p90(tmp_path, capsys):
+def test_bench_command_reports_median_and_p95(tmp_path, capsys):
     save_tiny(tmp_path, "camnet")
     save_tiny(tmp_path, "lightnn")
     common = ["explain", "--checkpoints", str(tmp_path), "--teacher", "camnet",
               "--threads", str(torch.get_num_threads())]  # main() sets it; keep the session's
     assert bench.main(common + ["--student", "lightnn", "--repeats", "2"]) == 0
     output = capsys.readouterr().out
-    assert "synthetic" in output and "median" in output and "p90" in output
+    assert "synthetic" in output and "median" in output and "p95" in output
     assert bench.main(common + ["--student", "nope"]) == 2
     assert "error: checkpoint 'nope'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["camnet.safetensors", "lightnn.safetensors"]

@@ -1,6 +1,6 @@
-"""Benchmarks: the dashboard's latency and the cost of a distillation step.
+"""Probes: the dashboard's latency and the cost of a distillation step, one thing at a time.
 
-    python -m kd_core.bench distill --teacher CHECKPOINT --student ARCH [--kd 0.75 --cam 1] \
+    python -m kd_core benchmark distill --teacher CHECKPOINT --student ARCH [--kd 0.75 --cam 1] \
         [--batch-size 256] [--steps 20] [--views 8] [--epochs 20] [--threads 2] [--system-malloc]
 
 times training steps of one distillation two ways, with the teacher run at every step and with a
@@ -9,7 +9,7 @@ size, and prints what a run of ``--epochs`` epochs over 50,000 images costs each
 Like the training commands it keeps freed memory for reuse (:mod:`kd_core.runtime`);
 ``--system-malloc`` measures glibc's default instead.
 
-    python -m kd_core.bench explain --checkpoints DIR --teacher NAME --student NAME \\
+    python -m kd_core benchmark explain --checkpoints DIR --teacher NAME --student NAME \\
         [--method gradcam] [--repeats 30] [--threads 1] [--image PATH]
 
 times whole :func:`kd_core.explain.pipeline.explain` calls as the app makes them: from an image file
@@ -17,7 +17,7 @@ times whole :func:`kd_core.explain.pipeline.explain` calls as the app makes them
 ``assets/examples/``), else a synthetic 1024 x 768 JPEG: the largest picture the Explain tab
 draws on (uploads are capped at 1024 pixels a side), so the worst case for decoding and overlays.
 
-    python -m kd_core.bench serve [--url URL | --checkpoints DIR] [--clients 16] [--calls 20] [--rounds 2]
+    python -m kd_core benchmark serve [--url URL | --checkpoints DIR] [--clients 16] [--calls 20] [--rounds 2]
 
 drives a served app through its API as concurrent clients would: each client explains a photo
 (``--image``, else the synthetic one) with the teacher and two students ``--calls`` times. Without
@@ -25,7 +25,7 @@ drives a served app through its API as concurrent clients would: each client exp
 median and 95th-percentile round trip, calls per second, and the server's memory growth
 (resident set size, read from /proc, when the server's pid is known: started here or ``--pid``).
 
-    python -m kd_core.bench models [--checkpoints DIR] [--sample FILE]
+    python -m kd_core benchmark models [--checkpoints DIR] [--sample FILE]
 
 times the Models tab's details for every checkpoint with a teacher, as the app computes them: the
 first time (cold cache: both checkpoints loaded) and again.
@@ -47,18 +47,17 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits  # installed with grad-cam (through scikit-learn)
 
-from . import models
-from .runtime import reuse_freed_memory
-from .checkpoint import load_checkpoint
-from .data import AugmentConfig, DataBundle, Split
-from .explain import ModelCache, cam_methods, explain
-from .training import Callback, TrainConfig, Trainer
+from .. import models
+from ..checkpoint import load_checkpoint
+from ..data import AugmentConfig, DataBundle, Split
+from ..explain import ModelCache, explain
+from ..training import Callback, TrainConfig, Trainer
 
 
 def bench_explain(checkpoint_dir: str | Path, teacher: str, student: str, image: str | Path,
                   method: str = "gradcam", repeats: int = 30, warmup: int = 3) -> dict[str, float]:
-    """Wall times in milliseconds of ``explain(image, [teacher, student], method)``: median, p90
-    and min over ``repeats`` calls after ``warmup`` untimed ones."""
+    """Wall times in milliseconds of ``explain(image, [teacher, student], method)``: median, 95th
+    percentile and min over ``repeats`` calls after ``warmup`` untimed ones."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     cache = ModelCache(checkpoint_dir)
@@ -69,7 +68,7 @@ def bench_explain(checkpoint_dir: str | Path, teacher: str, student: str, image:
         explain(image, checkpoints, method=method)
         if index >= warmup:
             timings.append(1000 * (time.perf_counter() - started))
-    return {"median_ms": float(np.median(timings)), "p90_ms": float(np.percentile(timings, 90)),
+    return {"median_ms": float(np.median(timings)), "p95_ms": float(np.percentile(timings, 95)),
             "min_ms": float(min(timings))}
 
 
@@ -95,11 +94,32 @@ class _StepTimer(Callback):
         self.stamps.append(time.perf_counter())
 
 
+def time_training(teacher: torch.nn.Module | None, student: torch.nn.Module, data: DataBundle, config: TrainConfig,
+                  warmup: int = 3) -> dict[str, float]:
+    """Seconds per training step of one epoch of ``config`` on ``data`` (the mean over the steps
+    after ``warmup``: a steady state, data loading included) and, where ``config.teacher_views``
+    asks for a teacher bank, the seconds per image-view of its build (after its first batch)."""
+    timer = _StepTimer()
+    trainer = Trainer(student, data, config, teacher=teacher, callbacks=[timer])
+    trainer.fit()
+    gaps = np.diff(timer.stamps)[warmup:]
+    if len(gaps) == 0:
+        raise ValueError(f"{len(timer.stamps) - 1} steps is too few to time after {warmup} warm-up steps")
+    result = {"step_seconds": float(np.mean(gaps)), "median_step_seconds": float(np.median(gaps)),
+              "needs_teacher": trainer.objective.needs_teacher}
+    if config.teacher_views and trainer.objective.needs_teacher:
+        count = len(trainer.train_split)
+        timed_image_views = count * config.teacher_views - min(count, BANK_BATCH)
+        result["bank_seconds_per_image_view"] = timer.bank_seconds / max(1, timed_image_views)
+    return result
+
+
 def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, float], batch_size: int = 256,
                   steps: int = 20, views: int = 8, warmup: int = 3, seed: int = 0) -> dict[str, float]:
     """Milliseconds per training step with the live teacher and with a bank, and per image-view of
-    the bank's build (medians over ``steps`` steps after ``warmup``). An objective without teacher
-    terms (cross-entropy only) trains one way: only ``live_step_ms``."""
+    the bank's build (medians over ``steps`` steps after ``warmup``), on random images of the
+    teacher's input size. An objective without teacher terms (cross-entropy only) trains one way:
+    only ``live_step_ms``."""
     if steps < 1 or views < 1 or batch_size < 1:
         raise ValueError("steps, views and batch size must be at least 1")
     teacher = load_checkpoint(teacher_path)
@@ -119,15 +139,11 @@ def bench_distill(teacher_path: str | Path, student: str, weights: dict[str, flo
                              teacher_views=teacher_views, augment=AugmentConfig(crop_padding=2, flip=True))
         torch.manual_seed(seed)
         model = models.create(student, **models.arch_args_for(student, len(classes), (channels, height, width)))
-        timer = _StepTimer()
-        trainer = Trainer(model, data, config, teacher=teacher.model, callbacks=[timer])
-        trainer.fit()
-        gaps = np.diff(timer.stamps)[warmup:]
-        result[f"{mode}_step_ms"] = float(1000 * np.median(gaps))
-        if teacher_views:
-            timed_image_views = count * teacher_views - min(count, BANK_BATCH)
-            result["bank_ms_per_image_view"] = 1000 * timer.bank_seconds / timed_image_views
-        if not trainer.objective.needs_teacher:  # no term reads the teacher: one way to train
+        timed = time_training(teacher.model, model, data, config, warmup)
+        result[f"{mode}_step_ms"] = 1000 * timed["median_step_seconds"]
+        if "bank_seconds_per_image_view" in timed:
+            result["bank_ms_per_image_view"] = 1000 * timed["bank_seconds_per_image_view"]
+        if not timed["needs_teacher"]:  # no term reads the teacher: one way to train
             break
     return result
 
@@ -169,8 +185,8 @@ def _print_distill(args: argparse.Namespace, malloc: str) -> int:
 def bench_models(checkpoint_dir: Path, sample: Path) -> dict[str, tuple[float, float]]:
     """Per student checkpoint, seconds of the Models tab's details: the first call (a fresh model
     cache) and the second."""
-    from .checkpoint import list_checkpoints
-    from .dashboard.models_tab import details
+    from ..checkpoint import list_checkpoints
+    from ..dashboard.models_tab import details
 
     cache = ModelCache(checkpoint_dir)
     timings = {}
@@ -201,7 +217,7 @@ def _start_app(checkpoints: Path, port: int):
     import subprocess
     import urllib.request
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "KD_CHECKPOINTS": str(checkpoints.resolve()), "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
            "KD_RUNS": tempfile.mkdtemp(prefix="kd-bench-runs-")}
@@ -298,54 +314,13 @@ def _print_serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd_core.bench", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    distill = commands.add_parser("distill", help="cost of a distillation step, live teacher vs teacher bank")
-    distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint")
-    distill.add_argument("--student", required=True, help="student architecture")
-    for term, default in (("ce", 0.25), ("kd", 0.75), ("cam", 0.0)):
-        distill.add_argument(f"--{term}", type=float, default=default, help=f"weight of the {term} term")
-    distill.add_argument("--batch-size", type=int, default=256)
-    distill.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
-    distill.add_argument("--views", type=int, default=8, help="teacher views of the bank (default 8)")
-    distill.add_argument("--epochs", type=int, default=20, help="epochs of the run to cost (default 20)")
-    distill.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    distill.add_argument("--system-malloc", action="store_true",
-                         help="leave glibc's malloc as it is (training commands keep freed memory: kd_core.runtime)")
-    bench = commands.add_parser("explain", help="latency of one Explain-tab call (teacher + student)")
-    bench.add_argument("--checkpoints", type=Path, required=True, help="checkpoint folder")
-    bench.add_argument("--teacher", required=True, help="teacher checkpoint name (file stem)")
-    bench.add_argument("--student", required=True, help="student checkpoint name (file stem)")
-    bench.add_argument("--method", default="gradcam", choices=cam_methods())
-    bench.add_argument("--repeats", type=int, default=30, help="timed calls (default 30)")
-    bench.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
-    bench.add_argument("--image", type=Path, help="image file (default: a synthetic 1024 x 768 photo)")
-    serve = commands.add_parser("serve", help="explain round trips through a served app under concurrent clients")
-    serve.add_argument("--url", help="a running app (default: start python app.py on --checkpoints)")
-    serve.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="checkpoint folder to serve")
-    serve.add_argument("--pid", type=int, help="the running app's pid, to report its memory growth")
-    serve.add_argument("--teacher", default="airnet")
-    serve.add_argument("--students", nargs="+", default=["camnet-kd-cam", "camnet-ce"])
-    serve.add_argument("--clients", type=int, default=16)
-    serve.add_argument("--calls", type=int, default=20, help="calls per client per round")
-    serve.add_argument("--rounds", type=int, default=2)
-    serve.add_argument("--image", type=Path, help="image file (default: a synthetic 1024 x 768 photo)")
-    details = commands.add_parser("models", help="time the Models tab's details for every distilled checkpoint")
-    details.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
-    details.add_argument("--sample", type=Path, default=Path("assets/cifar10-test-sample.safetensors"))
-    args = parser.parse_args(argv)
+def _print_models(args: argparse.Namespace) -> int:
+    for name, (first, second) in bench_models(args.checkpoints, args.sample).items():
+        print(f"models tab details of {name}: first {1000 * first:.0f} ms, again {1000 * second:.0f} ms")
+    return 0
 
-    if args.command == "models":
-        for name, (first, second) in bench_models(args.checkpoints, args.sample).items():
-            print(f"models tab details of {name}: first {1000 * first:.0f} ms, again {1000 * second:.0f} ms")
-        return 0
-    if args.command == "serve":
-        return _print_serve(args)
-    torch.set_num_threads(args.threads)
-    if args.command == "distill":
-        tuned = not args.system_malloc and reuse_freed_memory()
-        return _print_distill(args, "reusing freed memory" if tuned else "system")
+
+def _print_explain(args: argparse.Namespace) -> int:
     with threadpool_limits(limits=args.threads), tempfile.TemporaryDirectory() as scratch:
         image, label = args.image, str(args.image)
         if image is None:
@@ -362,10 +337,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"explain {args.teacher} + {args.student}, {args.method}, {size} image "
           f"({label}), {args.repeats} repeats, "
           f"{args.threads} thread(s): median {result['median_ms']:.1f} ms, "
-          f"p90 {result['p90_ms']:.1f} ms, min {result['min_ms']:.1f} ms")
+          f"p95 {result['p95_ms']:.1f} ms, min {result['min_ms']:.1f} ms")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

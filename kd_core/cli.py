@@ -30,7 +30,8 @@ CHECKPOINT_DIR = recipes.CHECKPOINTS
 NAMED_SETTINGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
                   "label_smoothing": "label_smoothing", "seed": "seed", "limit": "limit", "device": "device",
                   "eval_every": "eval_every", "crop_padding": "augment.crop_padding", "rotation": "augment.rotation",
-                  "color_jitter": "augment.color_jitter", "cutout": "augment.cutout", "temperature": "temperature",
+                  "color_jitter": "augment.color_jitter", "cutout": "augment.cutout", "mix": "augment.mix",
+                  "mix_alpha": "augment.mix_alpha", "temperature": "temperature",
                   "teacher_views": "teacher_views", "validation": "validation"}
 
 
@@ -89,6 +90,10 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
     aug.add_argument("--rotation", type=float, help="random rotation up to N degrees")
     aug.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter strength")
     aug.add_argument("--cutout", type=int, help="zero a random N x N square")
+    aug.add_argument("--mix", choices=("none", "mixup", "cutmix"),
+                     help="blend each image with a random partner first (with a teacher bank: the exact mixed "
+                          "view the teacher scored); cross-entropy weighs both labels")
+    aug.add_argument("--mix-alpha", type=float, help="mixing shares drawn from Beta(a, a) (default 1)")
 
     if distill:
         loss = parser.add_argument_group(
@@ -168,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--limit", type=int, help="train on a random subset of N training images")
     study.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                        help="change any setting of the recipe before its variants are made (see train --help)")
+    study.add_argument("--twin-set", action="append", default=[], metavar="NAME=VALUE", dest="twin_settings",
+                       help="gain study: a setting of the cross-entropy twin only (its best cross-entropy "
+                            "settings, e.g. --twin-set lr=0.05); repeatable")
     study.add_argument("--validation", type=int, metavar="N",
                        help="score every run on N training images held out (stratified, fixed) instead of the "
                             "test split: for choosing a method")
@@ -446,6 +454,10 @@ def _study(args: argparse.Namespace) -> int:
                  if getattr(args, key) is not None}
     overrides.update(parse_setting(assignment) for assignment in args.settings)
     config = with_overrides(recipe.config, overrides).validate()
+    twin_overrides = dict(parse_setting(assignment) for assignment in args.twin_settings)
+    if twin_overrides and args.kind != "gain":
+        raise UsageError("--twin-set sets the cross-entropy twin of a gain study; this is a "
+                         f"{args.kind} study")
     if args.kind == "temperature" and any(t <= 0 for t in args.temperatures):
         raise UsageError("temperatures must be > 0")
     teacher = args.teacher or (CHECKPOINT_DIR / f"{recipe.teacher}.safetensors" if recipe.teacher else None)
@@ -454,7 +466,7 @@ def _study(args: argparse.Namespace) -> int:
                         cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
                         callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr),
                         log=lambda line: print(line, file=sys.stderr),
-                        reuse=args.reuse)
+                        reuse=args.reuse, twin_overrides=twin_overrides)
     print(summary)
     return 0
 

@@ -10,17 +10,27 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> int:
+def count_macs(model: torch.nn.Module, input_shape: tuple[int, int, int], tta: bool = True) -> int:
     """Multiply-accumulates of one forward pass on one ``(C, H, W)`` input (FLOPs / 2), counted by
-    torch's own FlopCounterMode (convolutions, linear layers, matmuls)."""
+    torch's own FlopCounterMode (convolutions, linear layers, matmuls).
+
+    ``tta``: count the eval-mode prediction with the model's test-time augmentation (its mirror and
+    shifted passes); False counts the single pass that training and teacher banks run."""
     was_training = model.training
+    saved_tta = (getattr(model, "flip_tta", False), getattr(model, "translate_tta", False))
     model.eval()
+    if not tta and any(saved_tta):
+        model.set_tta(False, False)
     parameter = next(model.parameters())
     probe = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(probe)
-    model.train(was_training)
+    try:
+        with counter:
+            model(probe)
+    finally:
+        if not tta and any(saved_tta):
+            model.set_tta(*saved_tta)
+        model.train(was_training)
     return counter.get_total_flops() // 2
 
 

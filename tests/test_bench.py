@@ -78,6 +78,14 @@ def test_matmul_peak_and_the_work_accounting():
     assert peak.achieved_gflops(1_000_000_000, 2.0) == pytest.approx(4.0)  # 2 FLOPs per MAC
 
 
+def test_training_work_is_counted_without_test_time_augmentation():
+    from kd_core.profile import count_macs
+    model = models.create("airnet", num_classes=10, widths=(8, 16, 16), flip_tta=True, translate_tta=True)
+    single = count_macs(model, (3, 32, 32), tta=False)
+    assert count_macs(model, (3, 32, 32)) == 6 * single > 0   # level-2 TTA: six passes
+    assert (model.flip_tta, model.translate_tta, model.training) == (True, True, True)  # all restored
+
+
 def test_reference_objective_equals_the_engines():
     """The yardstick optimizes exactly what the engine does: CE + KD (T^2) + CAM, same weights."""
     torch.manual_seed(0)

@@ -242,3 +242,15 @@ def test_gain_study_scores_the_recipe_and_its_ce_twin_on_a_validation_split(caps
     assert f"**{mean:+.2f}**" in gain_line and f"[{mean - half:+.2f}, {mean + half:+.2f}]" in gain_line
     assert gain_line.endswith("| validation |")
     assert "scored on 9 training images held out" in out.splitlines()[0]
+
+
+def test_a_gain_studys_twin_can_take_the_best_cross_entropy_settings(capsys):
+    config = recipes.get("lightnn-kd").config
+    twin, kd = variants_for("gain", config, twin_overrides={"lr": 0.05, "teacher_views": 0})
+    assert (twin.label, twin.config.lr, twin.config.teacher_views, twin.config.loss_weights) == \
+        ("CE twin", 0.05, 0, {"ce": 1.0})
+    assert kd.config == config  # the distilled run is the recipe itself
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        variants_for("gain", config, twin_overrides={"lr": -1.0})
+    assert main(["study", "seeds", "--recipe", "lightnn-kd", "--twin-set", "lr=0.05"]) == 2
+    assert "--twin-set sets the cross-entropy twin of a gain study" in capsys.readouterr().err

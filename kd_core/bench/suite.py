@@ -82,8 +82,9 @@ def training_rows(pair: str, data: DataBundle, root: Path, checkpoints: Path, sc
     recipe = recipes.get(pair)
     teacher = load_checkpoint(checkpoints / f"{recipe.teacher}.safetensors")
     config = recipe.config
-    student_macs = count_macs(_student(recipe, teacher), _shape(teacher))
-    teacher_macs = count_macs(teacher.model, _shape(teacher))
+    # training and banks run one pass of each model, never the test-time augmentation
+    student_macs = count_macs(_student(recipe, teacher), _shape(teacher), tta=False)
+    teacher_macs = count_macs(teacher.model, _shape(teacher), tta=False)
     engine_dtype = autocast_dtype(torch.device("cpu"), config.amp)
     engine_precision = "bfloat16" if engine_dtype == torch.bfloat16 else "float32"
     label = f"{recipe.teacher} -> {recipe.arch} ({' + '.join(config.loss_weights)})"

@@ -19,6 +19,8 @@ class AugmentConfig:
     rotation: float = 0.0         # max rotation in degrees (0: off)
     color_jitter: float = 0.0     # brightness/contrast/saturation strength (0: off)
     cutout: int = 0               # side of a zeroed square (0: off)
+    mix: str = "none"             # blend each image with a partner first: none | mixup | cutmix (data.mixing)
+    mix_alpha: float = 1.0        # mixing weights drawn from Beta(alpha, alpha)
 
     @classmethod
     def none(cls) -> "AugmentConfig":

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .augment import AugmentConfig, augment_batch
+from .mixing import MixedLabels, draw_mix, mix_images
 from .sources import Split
 
 
@@ -71,12 +72,24 @@ class BatchLoader:
     def batch(self, index: torch.Tensor, rows: slice = slice(None)) -> tuple:
         """``(images, labels)`` of the samples ``index[rows]``, augmented and normalized; the random
         augmentation is drawn for all of ``index``, so every share of a batch is augmented as the
-        whole batch would be."""
+        whole batch would be. With mixing (``augment.mix``) each image is first blended with a
+        random partner and the labels are :class:`~kd_core.data.mixing.MixedLabels`."""
         mine = index[rows]
-        images = self.split.images[mine].to(self.device, non_blocking=True).float().div_(255)
+        images = self.images(mine)
+        labels = self.split.labels[mine].to(self.device, non_blocking=True)
+        if self.augment is not None and self.augment.mix != "none":
+            _, _, height, width = self.split.images.shape
+            draw = draw_mix(self.augment.mix, self.augment.mix_alpha, len(index), len(self.split), height, width,
+                            self.generator).rows(rows)
+            images = mix_images(images, self.images(draw.partners), draw)
+            labels = MixedLabels(labels, self.split.labels[draw.partners].to(self.device), draw.lam.to(self.device))
         if self.augment is not None:
             images = augment_batch(images, self.augment, self.generator, batch=len(index), rows=rows)
-        return self.finish(images), self.split.labels[mine].to(self.device, non_blocking=True)
+        return self.finish(images), labels
+
+    def images(self, index: torch.Tensor) -> torch.Tensor:
+        """The split's images ``index`` on the loader's device, as floats in [0, 1]."""
+        return self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] -> normalized, in the loader's memory format."""

@@ -6,9 +6,9 @@
   alignment, KD + CAM, KD + feature matching; same recipe, data order and seed;
 - ``temperature``: the recipe's KD objective at each temperature given;
 - ``seeds``: the recipe unchanged, once per seed;
-- ``gain``: the recipe and its cross-entropy twin (the same run with the teacher's terms removed),
-  once per seed, and what distillation gains: their difference per seed with a 95% confidence
-  interval.
+- ``gain``: the recipe and its cross-entropy twin (the same run with the teacher's terms removed,
+  and optionally the best cross-entropy settings: ``twin_overrides``), once per seed, and what
+  distillation gains: their difference per seed with a 95% confidence interval.
 
 With ``--validation N`` every run is scored on N training images held out of its training set,
 for choosing a method; without it, on the test split. Each row records which.
@@ -26,12 +26,12 @@ import json
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from ..checkpoint import load_checkpoint, read_metadata, weights_sha256
 from ..files import write_atomically
 from ..training import Callback, TrainConfig
-from ..training.config import changed_settings
+from ..training.config import changed_settings, with_overrides
 from .recipes import Recipe, saved_config, trained_architecture
 
 KINDS = ("ablation", "temperature", "seeds", "gain")
@@ -75,7 +75,9 @@ def temperature_variants(config: TrainConfig, temperatures: Iterable[float]) -> 
 
 
 def variants_for(kind: str, config: TrainConfig, temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8),
-                 feature_weight: float = 1.0) -> list[Variant]:
+                 feature_weight: float = 1.0, twin_overrides: Mapping[str, Any] | None = None) -> list[Variant]:
+    """``twin_overrides``: settings of a gain study's cross-entropy twin that differ from the recipe's
+    (the best cross-entropy settings for the architecture, say a higher learning rate)."""
     if kind == "ablation":
         return ablation_variants(config, feature_weight)
     if kind == "temperature":
@@ -85,7 +87,8 @@ def variants_for(kind: str, config: TrainConfig, temperatures: Iterable[float] =
     if kind == "gain":
         if not set(config.loss_weights) - {"ce"}:
             raise ValueError("a gain study needs a recipe that distils (an objective beyond cross-entropy)")
-        return [Variant("CE twin", replace(config, loss_weights={"ce": 1.0})), Variant("KD", config)]
+        twin = with_overrides(replace(config, loss_weights={"ce": 1.0}), twin_overrides or {}).validate()
+        return [Variant("CE twin", twin), Variant("KD", config)]
     raise ValueError(f"unknown study {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -201,7 +204,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
               teacher: Path | None, data: str, cache_dir: Path | None = None,
               temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
               callbacks: Callable[[str], list[Callback]] = lambda name: [], log: Callable[[str], None] = print,
-              reuse: Iterable[Path] = ()) -> str:
+              reuse: Iterable[Path] = (), twin_overrides: Mapping[str, Any] | None = None) -> str:
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary.
     ``callbacks(run_name)`` gives each run's callbacks.
 
@@ -216,7 +219,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             raise FileNotFoundError(f"no checkpoint file at {path} to reuse")
     reusable = [(path, read_metadata(path)) for path in reuse]  # read once, matched per variant
 
-    variants = variants_for(kind, config, temperatures, feature_weight)
+    variants = variants_for(kind, config, temperatures, feature_weight, twin_overrides)
     needs_teacher = any(set(v.config.loss_weights) - {"ce"} for v in variants)
     if needs_teacher and (teacher is None or not Path(teacher).exists()):
         raise FileNotFoundError(f"the study distils, so it needs a teacher checkpoint; {teacher} does not exist")
@@ -226,7 +229,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}"
-             + (f", scored on {config.validation:,} training images held out" if config.validation else ""))
+             + (f", scored on {config.validation:,} training images held out" if config.validation else "")
+             + (f"; CE twin with {', '.join(f'{k}={v}' for k, v in twin_overrides.items())}"
+                if kind == "gain" and twin_overrides else ""))
 
     labels = {variant.label for variant in variants}
 

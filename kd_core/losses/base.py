@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.mixing import MixedLabels
 from ..models import Classifier
 from ..registry import Registry
 
@@ -31,7 +32,8 @@ class ModelOutput:
 class StepOutputs:
     student: ModelOutput
     teacher: ModelOutput | None
-    labels: torch.Tensor    # (B,)
+    labels: torch.Tensor    # (B,); for mixed images the label of the image covering more of each
+    mixed: MixedLabels | None = None  # both images' labels and shares, when the batch is mixed
 
 
 @dataclass

@@ -11,7 +11,8 @@ from .base import LOSSES, LossContext, LossTerm, StepOutputs
 
 @LOSSES.register("ce")
 class CrossEntropy(LossTerm):
-    """Cross-entropy with the ground truth, optionally label-smoothed (Szegedy et al. 2016)."""
+    """Cross-entropy with the ground truth, optionally label-smoothed (Szegedy et al. 2016); for mixed
+    images the two labels weighed by their shares (Zhang et al. 2018)."""
 
     needs_teacher = False
 
@@ -23,7 +24,13 @@ class CrossEntropy(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
         logits = outputs.student.logits.float()
-        return {"loss": F.cross_entropy(logits, outputs.labels, label_smoothing=self.label_smoothing)}
+        if outputs.mixed is None:
+            return {"loss": F.cross_entropy(logits, outputs.labels, label_smoothing=self.label_smoothing)}
+        # a mixed image: both images' labels, weighed by their shares (mixup, CutMix)
+        mixed = outputs.mixed
+        own = F.cross_entropy(logits, mixed.labels, label_smoothing=self.label_smoothing, reduction="none")
+        partner = F.cross_entropy(logits, mixed.partner_labels, label_smoothing=self.label_smoothing, reduction="none")
+        return {"loss": (mixed.lam * own + (1 - mixed.lam) * partner).mean()}
 
 
 def z_score(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

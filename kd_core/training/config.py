@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from ..data import AugmentConfig
+from ..data.mixing import MIX_KINDS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -76,6 +77,8 @@ class TrainConfig:
             (self.feature_spatial in ("pool", "resize"), f"feature spatial must be pool or resize, got {self.feature_spatial!r}"),
             (all(w >= 0 for w in self.loss_weights.values()), f"loss weights must not be negative, got {self.loss_weights}"),
             (any(w > 0 for w in self.loss_weights.values()), "at least one loss weight must be positive"),
+            (self.augment.mix in MIX_KINDS, f"mixing must be one of {MIX_KINDS}, got {self.augment.mix!r}"),
+            (self.augment.mix_alpha > 0, f"mixing alpha must be positive, got {self.augment.mix_alpha}"),
             (self.augment.crop_padding >= 0 and self.augment.rotation >= 0 and self.augment.color_jitter >= 0
              and self.augment.cutout >= 0, "augmentation strengths must not be negative"),
         ]

@@ -17,6 +17,7 @@ from .. import distributed
 from ..checkpoint import weights_sha256
 from ..data import BatchLoader, DataBundle
 from ..data.loader import shard
+from ..data.mixing import MixedLabels
 from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
 from ..models import Classifier
@@ -198,13 +199,15 @@ class Trainer:
             group["lr"] = self.config.lr * factor * group["lr_scale"]
         return self.config.lr * factor
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor | MixedLabels,
                     banked: TeacherTargets | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         with self.autocast():
             features = self.model.forward_features(images)         # (B, C, H, W)
             logits = self.model.forward_head(features)             # (B, K)
             teacher_output = self.targets.outputs(images, banked) if self.targets else None
-            losses = self.objective(StepOutputs(ModelOutput(features, logits, self.model), teacher_output, labels))
+            mixed = labels if isinstance(labels, MixedLabels) else None
+            losses = self.objective(StepOutputs(ModelOutput(features, logits, self.model), teacher_output,
+                                                mixed.dominant if mixed else labels, mixed))
         if not distributed.all_true(torch.isfinite(losses["loss"])):  # every process raises at the same step
             raise NonFiniteLoss(f"the loss became {losses['loss'].item()} at step {self.global_step}; "
                                 "lower the learning rate or the loss weights")
@@ -252,6 +255,8 @@ class Trainer:
         for step, (images, labels, *banked) in enumerate(self.train_loader):
             lr = self._set_lr()
             losses, logits = self._train_step(images, labels, *banked)
+            if isinstance(labels, MixedLabels):
+                labels = labels.dominant  # training accuracy of mixed images: the larger share's label
             self.global_step += 1
             if self.ema is not None:
                 self._update_ema()

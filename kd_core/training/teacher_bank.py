@@ -11,6 +11,9 @@ The student then trains on exactly those views, so its KD and CAM targets are th
 for the very image it sees; what changes is only that an image offers ``views`` views instead of a
 fresh draw every epoch. With ``mirror`` a loader also shows each view as its mirror image, with
 the view's logits and its maps mirrored: twice the distinct images for the same teacher cost.
+With mixing (``augment.mix``: mixup or CutMix, :mod:`kd_core.data.mixing`) every view is first a
+blend of its image with a partner image; the bank keeps the partner, the share and the CutMix box,
+so the student sees exactly the mixed image the teacher scored, and cross-entropy both labels.
 
 A bank is saved in the cache folder under a key of the teacher's weights, the training images, the
 augmentation, the views, the CAM target, whether it keeps feature maps, and the seed, so the runs of
@@ -35,6 +38,7 @@ from ..cam import class_activation_map
 from ..files import atomic_path
 from ..data import AugmentConfig, BatchLoader, normalize
 from ..data.augment import crop, crop_offsets, flip_draws, flip_where
+from ..data.mixing import MixDraw, MixedLabels, draw_mix, mix_images
 from ..data.sources import Split
 from ..models import Classifier
 
@@ -60,10 +64,37 @@ class TeacherBank:
     features: torch.Tensor | None = None  # (V, N, C, h, w) bfloat16, kept for feature-reading terms
     build_seconds: float | None = None    # how long building it took (read back from a cached file)
     reused: bool = False                  # loaded from the cache rather than built by this run
+    partners: torch.Tensor | None = None  # (V, N) int32: each mixed view's partner image
+    lam: torch.Tensor | None = None       # (V, N) float32: the share of the view's own image
+    boxes: torch.Tensor | None = None     # (V, 4, N) uint8: CutMix boxes (top, bottom, left, right)
 
     @property
     def views(self) -> int:
         return self.logits.shape[0]
+
+    def mix_draw(self, index: torch.Tensor, view: torch.Tensor) -> MixDraw | None:
+        if self.partners is None:
+            return None
+        boxes = self.boxes[view, :, index].T.long() if self.boxes is not None else None
+        return MixDraw(self.partners[view, index].long(), self.lam[view, index], boxes)
+
+    def source_images(self, split: Split, index: torch.Tensor, view: torch.Tensor,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` before their views' crops and
+        flips: the images themselves, or for a mixed bank their blends with the views' partners."""
+        images = split.images[index].to(device, non_blocking=True).float().div_(255)
+        draw = self.mix_draw(index, view)
+        if draw is None:
+            return images
+        partners = split.images[draw.partners].to(device, non_blocking=True).float().div_(255)
+        return mix_images(images, partners, draw)
+
+    def mixed_labels(self, split: Split, index: torch.Tensor, view: torch.Tensor,
+                     device: torch.device | str = "cpu") -> MixedLabels | None:
+        draw = self.mix_draw(index, view)
+        if draw is None:
+            return None
+        return MixedLabels(split.labels[index].to(device), split.labels[draw.partners].to(device), draw.lam.to(device))
 
     def view_images(self, images: torch.Tensor, index: torch.Tensor, view: torch.Tensor,
                     mirror: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +122,9 @@ class TeacherBank:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"offsets": self.offsets, "flips": self.flips.to(torch.uint8), "logits": self.logits}
+        for name in ("partners", "lam", "boxes"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         if self.cams is not None:
             tensors["cams"] = self.cams
         if self.features is not None:
@@ -99,7 +133,7 @@ class TeacherBank:
 
 
 def check_augment(augment: AugmentConfig | None) -> AugmentConfig:
-    """A bank reproduces crops and flips; other transforms would change the image the teacher saw."""
+    """A bank reproduces mixing, crops and flips; other transforms would change the image the teacher saw."""
     augment = augment or AugmentConfig.none()
     if augment.rotation > 0 or augment.color_jitter > 0 or augment.cutout > 0:
         raise ValueError("teacher views reproduce crop and flip augmentation only; "
@@ -112,6 +146,7 @@ def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: 
     digest = hashlib.sha256()
     fields = [BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views, cam_target, seed]
     fields += ["features"] if features else []  # older keys unchanged
+    fields += [augment.mix, augment.mix_alpha] if augment.mix != "none" else []
     digest.update(json.dumps(fields).encode())
     digest.update(split.images.contiguous().numpy().tobytes())
     digest.update(split.labels.contiguous().numpy().tobytes())
@@ -146,13 +181,20 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
     flips = torch.stack([flip_draws(count, generator) if augment.flip else torch.zeros(count, dtype=torch.bool)
                          for _ in range(views)])                                         # (V, N)
     bank = TeacherBank(padding, offsets, flips, torch.empty(0), None)
+    if augment.mix != "none":
+        _, _, height, width = split.images.shape
+        draws = [draw_mix(augment.mix, augment.mix_alpha, count, count, height, width, generator) for _ in range(views)]
+        bank.partners = torch.stack([draw.partners for draw in draws]).to(torch.int32)     # (V, N)
+        bank.lam = torch.stack([draw.lam for draw in draws])                             # (V, N)
+        if augment.mix == "cutmix":
+            bank.boxes = torch.stack([draw.boxes for draw in draws]).to(torch.uint8)     # (V, 4, N)
     logits, cams, maps = [], [], []
     batches = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     total, done = views * len(batches), 0
     for view in range(views):
         for index in batches:
-            images = split.images[index].to(device).float().div_(255)
-            images = bank.view_images(images, index, torch.full_like(index, view))
+            views_of = torch.full_like(index, view)
+            images = bank.view_images(bank.source_images(split, index, views_of, device), index, views_of)
             images = normalize(images, mean, std)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -181,12 +223,14 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
 
 
 def bank_bytes(views: int, images: int, num_classes: int, cam_shape: Sequence[int] | None,
-               feature_shape: Sequence[int] | None) -> int:
+               feature_shape: Sequence[int] | None, mix: str = "none") -> int:
     """What a bank of ``views`` views of ``images`` images holds, in memory and in its cache file:
     per view and image, its crop offsets and flip, the logits (float32), the CAM (float32) when the
-    teacher has one, and the feature maps (bfloat16) when a term reads them."""
+    teacher has one, the feature maps (bfloat16) when a term reads them, and with mixing the partner
+    and share (and CutMix's box)."""
     per_view = 2 + 1 + 4 * num_classes + (4 * math.prod(cam_shape) if cam_shape else 0) \
-        + (2 * math.prod(feature_shape) if feature_shape else 0)
+        + (2 * math.prod(feature_shape) if feature_shape else 0) \
+        + {"none": 0, "mixup": 8, "cutmix": 12}[mix]
     return views * images * per_view
 
 
@@ -218,7 +262,8 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
             os.utime(path)  # the file's time is its last use: what a retention setting goes by
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
                                tensors.get("cams"), tensors.get("features"),
-                               build_seconds=float(seconds) if seconds else None, reused=True)
+                               build_seconds=float(seconds) if seconds else None, reused=True,
+                               partners=tensors.get("partners"), lam=tensors.get("lam"), boxes=tensors.get("boxes"))
         except Exception:
             path.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -249,7 +294,8 @@ class BankLoader(BatchLoader):
         view = torch.randint(0, self.bank.views, (len(index),), generator=self.generator)[rows]
         mirror = flip_draws(len(index), self.generator)[rows] if self.mirror else None
         index = index[rows]
-        images = self.split.images[index].to(self.device, non_blocking=True).float().div_(255)
+        images = self.bank.source_images(self.split, index, view, self.device)
         images = self.finish(self.bank.view_images(images, index, view, mirror))
-        labels = self.split.labels[index].to(self.device, non_blocking=True)
+        mixed = self.bank.mixed_labels(self.split, index, view, self.device)
+        labels = mixed if mixed is not None else self.split.labels[index].to(self.device, non_blocking=True)
         return images, labels, self.bank.targets(index, view, self.device, mirror)

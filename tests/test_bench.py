@@ -164,3 +164,18 @@ def test_quick_benchmark_prints_every_figure(tmp_path, capsys, real_cifar, real_
 def test_benchmark_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["--quick", "--checkpoints", str(tmp_path)]) == 2
     assert "the benchmark needs" in capsys.readouterr().err
+
+
+def test_scaling_runs_the_same_command_under_torchrun_and_tabulates_the_ratio(tmp_path):
+    from kd_core.bench.scaling import format_scaling, measure_scaling, scaling_command
+    one = scaling_command("lightnn-kd", "folder:d", 100, 2, tmp_path / "p1.safetensors", None, 1)
+    two = scaling_command("lightnn-kd", "folder:d", 100, 2, tmp_path / "p2.safetensors", None, 2)
+    assert one[1:4] == ["-m", "kd_core", "distill"] and "--teacher-views" in one
+    assert two[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kd_core"]
+    assert two[8:] == [part.replace("p1", "p2") for part in one[3:]]  # the same run otherwise
+    rows = [{"way": "1 process x 2 threads", "train_seconds": 10.0, "images_per_second": 20.0},
+            {"way": "2 processes x 1 thread", "train_seconds": 8.0, "images_per_second": 25.0, "speedup": 1.25}]
+    table = format_scaling(rows, "lightnn-kd", 100, 2)
+    assert "| 2 processes x 1 thread | 8.0 | 25 | 1.25x |" in table and "| 1 process x 2 threads | 10.0 | 20 | 1.00x |" in table
+    with pytest.raises(ValueError, match="compares one process with several"):
+        measure_scaling("lightnn-kd", "folder:d", processes=1)

@@ -8,10 +8,11 @@ it, explain latency, every shipped checkpoint's evaluation throughput and batch-
 ``--quick`` is the CI run (a few steps of each, under two minutes); the figures in the README come
 from a full run.
 
-    python -m kd_core benchmark {distill,explain,serve,models} ...
+    python -m kd_core benchmark {distill,explain,serve,models,scaling} ...
 
 are single probes (:mod:`.probes`): one distillation's step cost on random images, one Explain-tab
-call, explain round trips through a served app under concurrent clients, and the Models tab.
+call, explain round trips through a served app under concurrent clients, the Models tab; and
+(:mod:`.scaling`) one run as 1 process x 2 threads against 2 processes x 1 thread under torchrun.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the recipes' data (an image-folder tree or a .tar.gz of one; default: the CIFAR-10 copy)")
     parser.add_argument("--cache-dir", type=Path, help="cache folder for decoded data (default KD_CACHE_DIR)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models}",
+    probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models,scaling}",
                                    help="run one probe instead of the whole benchmark")
 
     distill = probes.add_parser("distill", help="cost of a distillation step, live teacher vs teacher bank")
@@ -77,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = probes.add_parser("models", help="time the Models tab's details for every distilled checkpoint")
     models.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     models.add_argument("--sample", type=Path, default=Path("assets/cifar10-test-sample.safetensors"))
+    scaling = probes.add_parser("scaling", help="one distillation run, 1 process x N threads against N processes "
+                                                "x 1 thread (torchrun, Gloo)")
+    scaling.add_argument("--recipe", default="lightnn-kd", help="the recipe to run (default lightnn-kd, live teacher)")
+    scaling.add_argument("--processes", type=int, default=2, help="N (default 2, the cores here)")
+    scaling.add_argument("--limit", type=int, default=10_000, help="training images (default 10,000)")
+    scaling.add_argument("--epochs", type=int, default=2)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return probes._print_models(args)
     if args.probe == "serve":
         return probes._print_serve(args)
+    if args.probe == "scaling":
+        return _print_scaling(args)
     torch.set_num_threads(args.threads)
     if args.probe == "distill":
         tuned = not args.system_malloc and reuse_freed_memory()
@@ -111,6 +120,18 @@ def _run_suite(args: argparse.Namespace) -> int:
     if args.json:
         suite.write_json(report, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _print_scaling(args: argparse.Namespace) -> int:
+    from .scaling import format_scaling, measure_scaling
+
+    try:
+        rows = measure_scaling(args.recipe, args.data, args.limit, args.epochs, args.processes, args.cache_dir)
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_scaling(rows, args.recipe, args.limit, args.epochs))
     return 0
 
 

@@ -179,3 +179,25 @@ def test_scaling_runs_the_same_command_under_torchrun_and_tabulates_the_ratio(tm
     assert "| 2 processes x 1 thread | 8.0 | 25 | 1.25x |" in table and "| 1 process x 2 threads | 10.0 | 20 | 1.00x |" in table
     with pytest.raises(ValueError, match="compares one process with several"):
         measure_scaling("lightnn-kd", "folder:d", processes=1)
+
+
+def test_time_to_accuracy_trains_both_ways_until_the_target(tmp_path, teacher):
+    import shutil
+
+    from kd_core.bench.accuracy import format_time_to_accuracy, time_to_accuracy
+    write_image_folder(tmp_path / "data", ["a", "b"], {"train": 16, "test": 4}, size=32)
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(teacher, tmp_path / "checkpoints" / "deepnn.safetensors")  # lightnn-kd's teacher, on a and b
+    lines = []
+    result = time_to_accuracy("lightnn-kd", f"folder:{tmp_path / 'data'}", tmp_path / "checkpoints", 0.001,
+                              max_epochs=2, cache_dir=tmp_path / "cache", log=lines.append)
+    for way in ("reference", "engine"):  # any correct test image reaches 0.001%: one epoch each
+        assert result[way]["epochs"] == 1 and 0 < result[way]["top1"] <= 100 and result[way]["seconds"] > 0
+    assert result["speedup"] == pytest.approx(result["reference"]["seconds"] / result["engine"]["seconds"])
+    assert lines[0] == "reference loop to 0.001% (at most 2 epochs)" and "reference loop epoch 1" in lines[1]
+    table = format_time_to_accuracy(result)
+    assert "| reference loop | 1 |" in table and "| engine (bank built afresh) | 1 |" in table
+    with pytest.raises(ValueError, match="a percentage in"):
+        time_to_accuracy("lightnn-kd", "cifar10", tmp_path, 120)
+    with pytest.raises(ValueError, match="does not distil"):
+        time_to_accuracy("lightnn-ce", "cifar10", tmp_path, 72)

@@ -1,12 +1,13 @@
 """``python -m kd_core benchmark``: how fast this distils, against the usual loop and the machine.
 
-    python -m kd_core benchmark [--quick] [--epochs 10] [--json FILE] [--threads 2]
+    python -m kd_core benchmark [--quick] [--epochs 10] [--json FILE] [--threads 2] [--time-to-accuracy 72]
 
 measures everything in one run and prints it as tables (:mod:`.suite`: the reference loop, the
 engine live and on a teacher bank, the machine's matrix-multiply peak and each row's fraction of
 it, explain latency, every shipped checkpoint's evaluation throughput and batch-1 latency).
 ``--quick`` is the CI run (a few steps of each, under two minutes); the figures in the README come
-from a full run.
+from a full run. ``--time-to-accuracy PCT`` then also distils deepnn -> lightnn both ways until the
+test accuracy reaches PCT, teacher bank included (:mod:`.accuracy`).
 
     python -m kd_core benchmark {distill,explain,serve,models,scaling} ...
 
@@ -42,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the recipes' data (an image-folder tree or a .tar.gz of one; default: the CIFAR-10 copy)")
     parser.add_argument("--cache-dir", type=Path, help="cache folder for decoded data (default KD_CACHE_DIR)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--time-to-accuracy", type=float, metavar="PCT",
+                        help="also distil deepnn -> lightnn both ways until the test top-1 reaches PCT (the "
+                             "published KD figure: 72) and report each wall time, teacher bank included")
+    parser.add_argument("--max-epochs", type=int, default=40, help="time to accuracy: give up after N epochs")
     probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models,scaling}",
                                    help="run one probe instead of the whole benchmark")
 
@@ -117,6 +122,17 @@ def _run_suite(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(suite.format_report(report))
+    if args.time_to_accuracy is not None:
+        from .accuracy import format_time_to_accuracy, time_to_accuracy
+
+        try:
+            report["time_to_accuracy"] = time_to_accuracy(
+                "lightnn-kd", args.data, args.checkpoints, args.time_to_accuracy, args.max_epochs, args.cache_dir,
+                log=lambda line: print(f"- {line}", file=sys.stderr))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print("\n" + format_time_to_accuracy(report["time_to_accuracy"]))
     if args.json:
         suite.write_json(report, args.json)
         print(f"wrote {args.json}")

@@ -154,6 +154,9 @@ def test_quick_benchmark_prints_every_figure(tmp_path, capsys, real_cifar, real_
     assert [row["speedup"] for row in report["training"][::4]] == [1.0, 1.0]  # each pair's reference row
     assert report["explain"]["median_ms"] > 0 and report["explain"]["p95_ms"] >= report["explain"]["median_ms"]
     assert "p95" in out
+    teacher = report["teacher_training"]
+    assert teacher["recipe"] == "airnet" and teacher["images_per_second"] > 0 and 0 < teacher["peak_fraction"]
+    assert "training the airnet teacher (airnet, cross-entropy, batch 512):" in out
     shipped = sorted(path.stem for path in SHIPPED.glob("*.safetensors"))
     assert sorted(row["name"] for row in report["checkpoints"]) == shipped
     for row in report["checkpoints"]:

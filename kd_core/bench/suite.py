@@ -11,6 +11,7 @@ Every row is measured in the same run, on the same data (the recipes' CIFAR-10 c
   the fraction of it each training and inference row reaches (:mod:`.peak` says how work is
   counted); each row against the peak of the precision it computes in (the engine trains under
   bfloat16 autocast where the CPU has it; the reference loop and evaluation run in float32);
+- **teacher training**: the engine training airnet (its own recipe, cross-entropy) from scratch;
 - **explain**: an Explain-tab call (airnet + camnet-kd-cam, Grad-CAM, a 1024 x 768 photo):
   median and 95th percentile;
 - **checkpoints**: evaluation throughput (batch 1,000, as ``evaluate`` runs, test-time
@@ -47,6 +48,7 @@ from .reference import image_folder, reference_distill
 TRAIN_IMAGES = 50_000
 PAIRS = ("lightnn-kd", "camnet-kd-cam")  # recipes: teacher, student architecture, objective, batch, views
 EXPLAIN = ("airnet", "camnet-kd-cam")
+TEACHER = "airnet"  # the teacher recipe whose training step is timed
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,32 @@ def training_rows(pair: str, data: DataBundle, root: Path, checkpoints: Path, sc
     return rows
 
 
+def teacher_training_row(name: str, data: DataBundle, scale: Scale, epochs: int, peaks: dict[str, float]) -> dict:
+    """The engine training a teacher recipe (cross-entropy, its own batch and optimizer) from scratch."""
+    recipe = recipes.get(name)
+    config = recipe.config
+    shape = data.input_shape
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return models.create(recipe.arch, **models.arch_args_for(recipe.arch, len(data.classes), shape,
+                                                                 **recipe.arch_args))
+
+    macs = peak.training_macs(count_macs(fresh(), shape, tta=False))
+    count = config.batch_size * (scale.steps + scale.warmup)
+    small = DataBundle(data.source, data.train.subset(count, seed=0),
+                       Split(data.test.images[:config.batch_size], data.test.labels[:config.batch_size]),
+                       data.classes, data.mean, data.std)
+    timed = time_training(None, fresh(), small, replace(config, epochs=1, warmup_epochs=0, eval_every=0, limit=None,
+                                                        validation=0, device="cpu", ema_decay=0.0), scale.warmup)
+    precision = "bfloat16" if autocast_dtype(torch.device("cpu"), config.amp) == torch.bfloat16 else "float32"
+    images_per_second = config.batch_size / timed["step_seconds"]
+    achieved = peak.achieved_gflops(macs, images_per_second)
+    return {"recipe": name, "arch": recipe.arch, "batch_size": config.batch_size, "images_per_second": images_per_second,
+            "run_minutes": epochs * TRAIN_IMAGES / images_per_second / 60, "gflops": achieved, "precision": precision,
+            "peak_fraction": achieved / peaks[precision], "macs_per_image": macs}
+
+
 def checkpoint_rows(checkpoints: Path, scale: Scale, peaks: dict[str, float]) -> list[dict[str, Any]]:
     """Evaluation throughput and batch-1 latency of every checkpoint in the folder."""
     rows = []
@@ -179,6 +207,8 @@ def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_J
     for pair in PAIRS:
         progress(f"training: {pair} (reference loop, engine live, engine on a bank)")
         training += training_rows(pair, data, root, checkpoints, scale, epochs, peaks)
+    progress(f"training: the {TEACHER} teacher from scratch")
+    teacher_row = teacher_training_row(TEACHER, data, scale, epochs, peaks)
     progress("explain latency")
     with tempfile.TemporaryDirectory() as scratch:
         photo = Path(scratch) / "photo.jpg"
@@ -188,6 +218,7 @@ def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_J
     rows = checkpoint_rows(checkpoints, scale, peaks)
     return {"quick": quick, "epochs": epochs, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": _cpu_name(), "peak_gflops": peaks, "matmul_size": scale.matmul_size, "training": training,
+            "teacher_training": teacher_row,
             "explain": {"teacher": EXPLAIN[0], "student": EXPLAIN[1], "image": "1024x768 JPEG", **explain},
             "checkpoints": rows, "seconds": time.perf_counter() - started}
 
@@ -220,6 +251,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {row['pair']} | {row['way']} | {_number(row['images_per_second'])} | {speedup} | "
                      f"{_number(row['run_minutes'], 1)} | {_number(row['gflops'], 1)} | "
                      f"{100 * row['peak_fraction']:.1f}% {row['precision']} |")
+    teacher = report.get("teacher_training")
+    if teacher:
+        lines += ["", f"training the {teacher['recipe']} teacher ({teacher['arch']}, cross-entropy, batch "
+                  f"{teacher['batch_size']}): {_number(teacher['images_per_second'])} images/s, "
+                  f"{report['epochs']} epochs {_number(teacher['run_minutes'], 1)} min, "
+                  f"{_number(teacher['gflops'], 1)} GFLOP/s, {100 * teacher['peak_fraction']:.1f}% of the "
+                  f"{teacher['precision']} peak"]
     explain = report["explain"]
     lines += ["", f"explain {explain['teacher']} + {explain['student']} ({explain['image']}): median "
               f"{_number(explain['median_ms'], 1)} ms, p95 {_number(explain['p95_ms'], 1)} ms", "",

@@ -447,8 +447,7 @@ def _list(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from .experiments.study import run_study
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("study runs in one process: start it without torchrun (train and distill run under torchrun)")
+    main_process = distributed.is_main()  # under torchrun, one process prints and logs for the study
     recipe = recipes.get(args.recipe)
     overrides = {key: getattr(args, key) for key in ("epochs", "limit", "device", "validation")
                  if getattr(args, key) is not None}
@@ -464,10 +463,12 @@ def _study(args: argparse.Namespace) -> int:
     folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
     summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
                         cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
-                        callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr),
-                        log=lambda line: print(line, file=sys.stderr),
+                        callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr)
+                        if main_process else [],
+                        log=lambda line: print(line, file=sys.stderr) if main_process else None,
                         reuse=args.reuse, twin_overrides=twin_overrides)
-    print(summary)
+    if main_process:
+        print(summary)
     return 0
 
 
@@ -582,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "distill", "study"):
         reuse_freed_memory()
     try:
-        if args.command in ("train", "distill"):
-            distributed.init_from_env()  # under torchrun: one of WORLD_SIZE processes of one run
+        if args.command in ("train", "distill", "study"):
+            distributed.init_from_env()  # under torchrun: one of WORLD_SIZE processes of one run (or study)
         return handlers[args.command]()
     except KeyError as error:  # registry lookups: unknown model, loss or recipe
         print(f"error: {error.args[0]}", file=sys.stderr)

@@ -4,6 +4,7 @@ process killed mid-run fails the run quickly with a clear message and leaves a s
 one process or two; and each process's share of a batch is its own, the shares together the batch."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,29 @@ def test_two_processes_end_equal_to_each_other_and_to_one(bench, tmp_path, capsy
     assert meta_two["metrics"]["test_top1"] == meta_one["metrics"]["test_top1"]
     banks = sorted((tmp_path / "cache-two" / "teacher-banks").iterdir())
     assert len(banks) == 1 and banks[0].suffix == ".safetensors"  # one file, by rank 0, nothing half-written
+
+
+def test_a_study_under_torchrun_trains_each_run_on_both_and_records_it_once(bench, tmp_path, capsys):
+    """A gain study (the KD recipe and its cross-entropy twin) on two processes: the first writes
+    results.json, results.md and each checkpoint once, prints the table once, and every run scores
+    what the same study scores in one process."""
+    argv = ["study", "gain", "--recipe", "lightnn-kd", "--teacher", bench / "teacher.safetensors", "--data",
+            f"folder:{bench / 'data'}", "--epochs", 2, "--seeds", 0, "--set", "batch_size=8", "--set", "amp=false",
+            "--set", "teacher_views=2"]
+    two = torchrun("-m", "kd_core", *argv, "--output", tmp_path / "two", "--cache-dir", tmp_path / "cache-two",
+                   cwd=tmp_path)
+    assert main([str(arg) for arg in argv + ["--output", tmp_path / "one", "--cache-dir", tmp_path / "cache-one"]]) == 0
+    one_table = capsys.readouterr().out
+
+    assert two.stdout.strip() == (tmp_path / "two" / "results.md").read_text().strip()  # printed by rank 0 alone
+    assert two.stderr.count("gain: KD, seed 0") == 1  # so is the progress log
+    rows_two = json.loads((tmp_path / "two" / "results.json").read_text())
+    rows_one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [row["variant"] for row in rows_two] == [row["variant"] for row in rows_one] and len(rows_two) == 2
+    for row_two, row_one in zip(rows_two, rows_one):
+        assert row_two["top1"] == row_one["top1"] and row_two["split"] == "test"
+        assert read_metadata(tmp_path / "two" / row_two["checkpoint"])["processes"] == 2
+    assert (tmp_path / "one" / "results.md").read_text().strip() in one_table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +353,3 @@ def test_a_bad_timeout_is_refused(monkeypatch, value):
         distributed.timeout_seconds()
 
 
-def test_study_refuses_to_run_under_torchrun(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["study", "seeds", "--recipe", "camnet-kd-cam"]) == 2
-    assert "study runs in one process" in capsys.readouterr().err

@@ -2,9 +2,13 @@
 every registered model."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from helpers import ROOT
 from kd_core import models
 from kd_core.models.base import GapLinearClassifier
 from kd_core.registry import Registry
@@ -256,6 +260,29 @@ def test_rep_conv_centre_tap_lines_up_with_the_3x3_kernel():
             torch.testing.assert_close(folded, block(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="padding 0 or 1"):
         RepConv3x3(4, 5, padding=2)
+
+
+def test_camnet_rep_trains_channels_last_on_one_thread_without_corrupting_memory():
+    """torch 2.14's strided 1x1 convolution on 3 channels, channels-last, one thread, corrupts the
+    heap on AVX2 CPUs (glibc aborts within a few steps); RepConv3x3 never asks for it. In a
+    subprocess, so that a crash fails this test rather than ending pytest."""
+    script = """
+import torch
+from kd_core import models
+torch.set_num_threads(1)
+model = models.create("camnet_rep", num_classes=3).to(memory_format=torch.channels_last)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+for _ in range(30):
+    x = torch.randn(24, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 3, (24,)))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    garbage = [torch.empty(1000 * k) for k in range(1, 50)]
+print("trained")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "trained\n", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("translate", [False, True])

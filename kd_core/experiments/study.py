@@ -209,8 +209,14 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     ``callbacks(run_name)`` gives each run's callbacks.
 
     ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
-    come, so a study stopped halfway leaves a table of what it has."""
+    come, so a study stopped halfway leaves a table of what it has.
+
+    Under torchrun every process calls this and trains each run's share; the first process alone
+    writes the results and measures CAM agreement (the others return an empty string)."""
+    from .. import distributed
     from ..run import run
+
+    main_process = distributed.is_main()
 
     seeds = list(seeds)
     reuse = [Path(path) for path in reuse]
@@ -236,6 +242,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     labels = {variant.label for variant in variants}
 
     def write_summary() -> str:
+        if not main_process:
+            return ""
         chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seeds]
         recorded = {(row["variant"], row["seed"]) for row in chosen}
         pending = [f"{v.label} (seed {seed})" for v in variants for seed in seeds if (v.label, seed) not in recorded]
@@ -268,7 +276,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 split = meta["metrics"].get("evaluated_on", "test")
                 rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
                                  path, run_teacher, split))
-                save_results(results_path, rows)
+                if main_process:
+                    save_results(results_path, rows)
                 write_summary()
                 log(f"{kind}: {variant.label}, seed {seed}: {path} has these settings, test top-1 "
                     f"{meta['metrics'][f'{split}_top1']:.2f}%")
@@ -281,10 +290,11 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             result, path = run(spec, callbacks=callbacks(name))
             if path is None:
                 raise KeyboardInterrupt
-            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                             result.evaluated_on,
-                             _teacher_cam_agreement(path, teacher, data, run_config, cache_dir) if teacher else None))
-            save_results(results_path, rows)
+            if main_process:
+                cam = _teacher_cam_agreement(path, teacher, data, run_config, cache_dir) if teacher else None
+                rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
+                                 result.evaluated_on, cam))
+                save_results(results_path, rows)
             write_summary()
             log(f"  {variant.label}, seed {seed}: {result.evaluated_on} top-1 {result.test_top1:.2f}%")
     return write_summary()

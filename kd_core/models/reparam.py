@@ -45,12 +45,16 @@ class RepConv3x3(nn.Module):
         self.stride, self.padding = stride, padding
         self.conv3 = nn.Conv2d(in_channels, out_channels, 3, stride, padding, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+        # the stride is taken by _centre: torch 2.14's CPU kernel for a strided 1x1 convolution on a
+        # 3-channel channels-last input corrupts the heap on AVX2 CPUs at one thread (a crash in training)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
 
     def _centre(self, x: torch.Tensor) -> torch.Tensor:
-        """The input the 1x1 branch reads, so that its taps sit on the 3x3 kernel's centres."""
-        return x if self.padding == 1 else x[..., 1:-1, 1:-1]
+        """The pixels the 1x1 branch reads, so that its taps sit on the 3x3 kernel's centres:
+        what ``nn.Conv2d(..., 1, stride)`` would read of the input (cropped by 1 for padding 0)."""
+        x = x if self.padding == 1 else x[..., 1:-1, 1:-1]
+        return x if self.stride == 1 else x[..., ::self.stride, ::self.stride]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn3(self.conv3(x)) + self.bn1(self.conv1(self._centre(x)))

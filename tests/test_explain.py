@@ -213,6 +213,59 @@ def test_concurrent_explains_match_sequential_ones(zoo, photo):
             assert np.array_equal(got.cam, want.cam) and np.array_equal(got.probabilities, want.probabilities)
 
 
+@pytest.mark.parametrize("name", ["camnet", "lightnn", "camnet_gray"])
+@pytest.mark.parametrize("target", [None, 1])
+def test_gradcam_without_hooks_gives_the_packages_map(zoo, name, target):
+    """compute_cam's "gradcam" takes the gradient at the feature map, with no hook and no backward
+    pass through the trunk; the grad-cam package's GradCAM hooks the CAM layer and backpropagates
+    to the input. Same map and logits."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from kd_core.models.base import SingleView
+
+    model = zoo.get(name).model
+    _, _, channels, side = ZOO[name]
+    torch.manual_seed(3)
+    x = torch.randn(1, channels, side, side)
+    logits, ours = compute_cam(model, x, "gradcam", target)
+    single = SingleView(model)
+    cam = GradCAM(single, [single.cam_module()])
+    try:
+        theirs = cam(x.clone().requires_grad_(True), None if target is None else [ClassifierOutputTarget(target)])[0]
+    finally:
+        cam.activations_and_grads.release()
+    assert ours.shape == (side, side) and ours.max() == pytest.approx(1, abs=1e-6) and hooks_left(model) == 0
+    np.testing.assert_allclose(ours, np.clip(theirs, 0, 1), atol=1e-5)
+    torch.testing.assert_close(logits, model.single_pass(x)[0].detach())
+
+
+def test_hooked_and_hook_free_methods_share_a_model_across_threads(zoo, photo):
+    """Grad-CAM (no hooks) runs beside other threads' passes; a method of the grad-cam package
+    holds the model alone while its hooks are on: every thread gets the map it gets alone."""
+    checkpoints = [zoo.get("camnet"), zoo.get("lightnn")]
+    expected = {method: explain(photo, checkpoints, method=method) for method in ("gradcam", "layercam")}
+    results, errors = [], []
+
+    def worker(method):
+        try:
+            for _ in range(3):
+                results.append((method, explain(photo, checkpoints, method=method)))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(method,)) for method in ("gradcam", "layercam") * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 18
+    for method, result in results:
+        for got, want in zip(result.models, expected[method].models):
+            assert np.array_equal(got.cam, want.cam) and np.array_equal(got.probabilities, want.probabilities)
+    assert all(hooks_left(checkpoint.model) == 0 for checkpoint in checkpoints)
+
+
 def test_a_trainable_model_is_explained_and_left_without_gradients(tmp_path, photo):
     loaded = load_checkpoint(save_tiny(tmp_path, "camnet"))
     assert all(parameter.requires_grad for parameter in loaded.model.parameters())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
 from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -53,8 +54,10 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     """Logits ``(K,)`` and the map ``(H, W)`` (float32 in [0, 1], the input's resolution) of
     ``input_tensor`` ``(1, C, H, W)`` for class ``target`` (None: the predicted class), both from one
     pass (``forward_head(forward_features(x))``, no test-time augmentation)."""
+    if method == "gradcam":
+        return _gradcam(model, input_tensor, target)
     targets = None if target is None else [ClassifierOutputTarget(target)]
-    with model_lock(model), _cam(method, SingleView(model)) as cam:
+    with model_lock(model, exclusive=True), _cam(method, SingleView(model)) as cam:
         if cam.uses_gradients:
             # The gradient flows from the input, so the target layer gets one even though the
             # cached copies' weights are frozen (and no weight gradients are computed).
@@ -66,6 +69,27 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     if any(parameter.grad is not None for parameter in model.parameters()):
         model.zero_grad(set_to_none=True)  # a model with trainable weights got weight gradients
     return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
+
+
+def _gradcam(model: nn.Module, input_tensor: torch.Tensor, target: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """The grad-cam package's GradCAM, computed without hooks: the gradient of the class score is
+    taken at the feature map (``forward_features``, the CAM layer's output by the zoo's contract)
+    rather than carried back to the input, so the trunk runs forward once and never backward, and
+    several threads may explain with one model at once. The map is scaled as the package scales
+    it (:func:`scale_cam_image`, per layer and then over layers), so both give the same numbers."""
+    model.cam_module()  # a model with no spatial feature map has no CAM: say so
+    with model_lock(model), torch.no_grad():
+        features = model.forward_features(input_tensor)                          # (1, C, h, w)
+    features = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.forward_head(features)
+        chosen = int(logits[0].argmax()) if target is None else target
+        (gradient,) = torch.autograd.grad(logits[0, chosen], features)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)                            # (1, C, 1, 1)
+    cam = torch.relu((weights * features.detach()).sum(dim=1)).numpy()           # (1, h, w)
+    size = (input_tensor.shape[-1], input_tensor.shape[-2])                     # (width, height)
+    maps = scale_cam_image(np.maximum(scale_cam_image(cam, size), 0))
+    return logits.detach()[0], np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 
 
 def input_saliency(model: nn.Module, input_tensor: torch.Tensor, target: int) -> np.ndarray:
@@ -102,11 +126,45 @@ def _cam(method: str, model: nn.Module) -> Iterator[BaseCAM]:
         cam.activations_and_grads.release()
 
 
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+class SharedLock:
+    """Many holders at once, or one exclusive holder (who waits for the others to leave, and is
+    served before newcomers)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        with self._condition:
+            if exclusive:
+                self._waiting_exclusive += 1
+                self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                self._condition.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._condition.notify_all()
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, SharedLock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model: nn.Module) -> threading.Lock:
-    """One lock per model: hooks of two CAM objects on one model would see each other's passes."""
+def model_lock(model: nn.Module, exclusive: bool = False) -> contextlib.AbstractContextManager:
+    """Hold ``model``: passes without hooks share it (any number of threads at once); a CAM of the
+    grad-cam package holds it alone, since its hooks would also record other threads' passes."""
     with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.Lock())
+        lock = _MODEL_LOCKS.setdefault(model, SharedLock())
+    return lock.hold(exclusive)

@@ -20,7 +20,9 @@ The interface only; the work is in kd_core. ``demo`` is built at import and noth
 """
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import os
 import secrets
 import sqlite3
@@ -32,6 +34,8 @@ if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when imported (below, by grad-cam)
 
 import gradio as gr
+from gradio.data_classes import ImageData
+from PIL import Image
 
 from kd_core import models
 from kd_core.dashboard import distill_tab, explain_tab, models_tab
@@ -137,6 +141,26 @@ def unopened_upload(image: gr.Image) -> gr.Image:
             raise gr.Error(str(error)) from None
 
     image.preprocess = preprocess
+    return image
+
+
+def inline_output(image: gr.Image) -> gr.Image:
+    """Make an output ``image`` travel inside the result as a ``data:`` URL of its JPEG, as Gradio
+    sends SVGs, instead of as a file in Gradio's cache for the page to fetch. Fewer requests per
+    call (a 512-pixel overlay is 20-40 KB), nothing written to disk, and no shared file: Gradio names
+    an output by a hash of its bytes and rewrites that file in place on every call, so when two calls
+    drew the same picture (two visitors explaining one example) one visitor's download could meet
+    the file truncated by the other's write."""
+
+    def postprocess(value):
+        if value is None:
+            return None
+        with io.BytesIO() as encoded:
+            Image.fromarray(value).save(encoded, format=image.format)
+            payload = base64.b64encode(encoded.getvalue()).decode("ascii")
+        return ImageData(url=f"data:image/{image.format};base64,{payload}", orig_name=f"cam.{image.format}")
+
+    image.postprocess = postprocess
     return image
 
 
@@ -338,9 +362,9 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                 with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
                     caption = gr.Markdown()
                     chart = gr.Plot(label="top-k")
-                    # JPEG: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250
-                    overlay = gr.Image(label="CAM", type="numpy", interactive=False, height=260, format="jpeg",
-                                       elem_classes=["cam-panel"])
+                    # JPEG: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250; sent inline
+                    overlay = inline_output(gr.Image(label="CAM", type="numpy", interactive=False, height=260,
+                                                     format="jpeg", elem_classes=["cam-panel"]))
                 panel_outputs += [column, caption, chart, overlay]
         agreement = gr.Dataframe(headers=explain_tab.AGREEMENT_COLUMNS, label="How far each student agrees with the teacher",
                                  interactive=False)
@@ -440,12 +464,16 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
+    from kd_core.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas(1)  # request threads share freed memory (16 clients, two rounds: +20 MB, not +130)
     threads = int(os.environ.get("KD_APP_THREADS", "1"))
     torch.set_num_threads(threads)
     threadpool_limits(threads)
     job_manager().recover()
     threading.Thread(target=schedule_jobs, args=(job_manager(),), name="job-scheduler", daemon=True).start()
-    demo.queue(default_concurrency_limit=4).launch(
+    # each event: two calls at a time, one per core (16 clients: 10 explains a second, not 8, and ~20 MB, not ~50)
+    demo.queue(default_concurrency_limit=2).launch(
         max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(RUNS), str(CHECKPOINTS)], allowed_paths=[str(ASSETS)],
         theme=gr.themes.Soft(primary_hue="indigo"), css=ENLARGE_IMAGES_CSS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and renamed to ``path``, on an error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")  # one per writer
     try:
         yield temporary
         with open(temporary, "rb+") as handle:

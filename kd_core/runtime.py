@@ -23,22 +23,38 @@ import torch
 
 M_TRIM_THRESHOLD = -1       # mallopt parameters, from glibc's malloc.h
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 NEVER_TRIM = 2**31 - 1      # an int: hand memory back only above 2 GB of free heap top
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None (not glibc, or ``KD_CORE_MALLOC=system``: leave malloc alone)."""
+    if os.environ.get("KD_CORE_MALLOC", "").lower() == "system":
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 def reuse_freed_memory() -> bool:
     """Tell glibc's malloc to serve large blocks from the heap and keep freed ones; whether it did
     (False off glibc, or when ``KD_CORE_MALLOC=system``). Process-wide; call it before training."""
-    if os.environ.get("KD_CORE_MALLOC", "").lower() == "system":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def limit_malloc_arenas(count: int = 2) -> bool:
+    """Let glibc's malloc keep at most ``count`` arenas (its default is eight per core): each
+    thread that allocates otherwise gets an arena of its own whose freed memory no other thread
+    reuses, so a server answering on many threads grows by an arena's worth per thread. Whether it
+    did (see :func:`reuse_freed_memory`); call it before starting threads."""
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, count))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -45,3 +45,36 @@ def test_kd_core_malloc_system_keeps_glibc_default():
     tuned, faults = probe("system")
     assert tuned == "False"
     assert faults >= 40 * PAGES_PER_BLOCK  # each block mmapped anew and faulted in page by page
+
+
+# Eight threads allocate (torch tensors, as request handlers do), then glibc's malloc_stats() lists
+# each arena on stderr as "Arena N:".
+ARENAS = """
+import ctypes, sys, threading, torch
+from kd_core.runtime import limit_malloc_arenas
+limited = limit_malloc_arenas(2) if sys.argv[1] == "limit" else None
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()  # all eight allocate at once, so that glibc sees contention
+    for _ in range(200):
+        torch.empty(4096).fill_(1)
+threads = [threading.Thread(target=work) for _ in range(8)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(limited, flush=True)
+ctypes.CDLL(None).malloc_stats()
+"""
+
+
+def arenas(mode: str) -> tuple[str, int]:
+    env = {key: value for key, value in os.environ.items() if key not in ("KD_CORE_MALLOC", "MALLOC_ARENA_MAX")}
+    done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, env=env, timeout=120,
+                          check=True)
+    return done.stdout.strip(), sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+
+
+def test_a_server_limits_malloc_to_two_arenas_however_many_threads_allocate():
+    limited, count = arenas("limit")
+    assert limited == "True" and 1 <= count <= 2
+    _, default = arenas("default")
+    assert default > 2  # glibc's own default: an arena per contending thread, up to eight per core

@@ -3,6 +3,8 @@ driven through its API with gradio_client, on tiny checkpoints trained here on a
 folder that has the ten CIFAR-10 classes (so the bundled examples and test sample fit them)."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from kd_core.checkpoint import load_checkpoint
 from kd_core.dashboard.models_tab import load_sample
 from kd_core.evaluation import predict
 from kd_core.explain import explain
+from kd_core.explain.images import DISPLAY_MAX_SIDE
 from kd_core.jobs import JobStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +65,7 @@ def call_explain(client: Client, image, teacher="teacher", students=("student",)
     return outputs, outputs[-1]
 
 
-def display_size(width: int, height: int, max_side: int = 1024) -> tuple[int, int]:
+def display_size(width: int, height: int, max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
     """(height, width) of an image shown with its longest side capped at ``max_side``."""
     scale = min(1.0, max_side / max(width, height))
     return round(height * scale), round(width * scale)
@@ -155,7 +158,7 @@ def test_explain_returns_consistent_numbers_and_full_size_overlays(server, clien
     path = CAT if picture == "cat" else make_photo(tmp_path / "photo.jpg", 1600, 1200)
     width, height = Image.open(path).size
     expected_shape = display_size(width, height)
-    assert expected_shape == ((32, 32) if picture == "cat" else (768, 1024))
+    assert expected_shape == ((32, 32) if picture == "cat" else (384, 512))
 
     outputs, numbers = call_explain(client, path, students=["student", "teacher", "student"], top_k=top_k)
 
@@ -165,15 +168,16 @@ def test_explain_returns_consistent_numbers_and_full_size_overlays(server, clien
     local = explain(path, checkpoints, top_k=top_k)
     for served, computed in zip(numbers["models"], local.models):
         np.testing.assert_allclose(served["probabilities"], computed.probabilities, atol=1e-6)
-    # per model: caption, chart, overlay file; the unused panels are empty
+    # per model: caption, chart, overlay (a JPEG inside the result, no file to fetch); the unused panels are empty
     teacher_caption, teacher_chart, teacher_overlay, student_caption, _, student_overlay = outputs[:6]
     assert teacher_caption.startswith("**teacher: teacher** (lightnn)")
     assert student_caption.startswith("**student 1: student** (camnet)")
     teacher_classes = [name for name, _ in numbers["models"][0]["top_k"]]
     assert json.loads(teacher_chart["plot"])["data"][0]["y"] == teacher_classes[::-1]  # best on top
     for overlay in (teacher_overlay, student_overlay):
-        assert Path(overlay).is_file()
-        assert Image.open(overlay).size == (expected_shape[1], expected_shape[0])
+        assert overlay["path"] is None and overlay["url"].startswith("data:image/jpeg;base64,")
+        drawn = Image.open(io.BytesIO(base64.b64decode(overlay["url"].split(",", 1)[1])))
+        assert drawn.format == "JPEG" and drawn.size == (expected_shape[1], expected_shape[0])
     assert list(outputs[6:12]) == ["", None, None, "", None, None]
     [agreement] = outputs[12]["data"]
     same_top1 = local.agreements[0].same_top1
@@ -507,7 +511,6 @@ def raw_explain(server, image_payload) -> tuple[str, object]:
 
 
 def data_url(path: Path, media_type: str = "image/png") -> str:
-    import base64
     return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 

@@ -138,7 +138,7 @@ def test_explain_teacher_and_students(zoo, photo):
 def test_overlay_is_drawn_at_the_capped_display_resolution(zoo):
     big = np.zeros((1536, 2048, 3), dtype=np.uint8)
     result = explain(big, [zoo.get("camnet")])
-    assert result.image.shape == (768, 1024, 3) and result.teacher.overlay.shape == (768, 1024, 3)
+    assert result.image.shape == (384, 512, 3) and result.teacher.overlay.shape == (384, 512, 3)
 
 
 def test_a_model_agrees_with_itself(zoo, photo):
@@ -438,7 +438,7 @@ def test_flip_tta_model_predicts_with_both_views_and_maps_one(tmp_path, photo):
     assert not np.allclose(with_tta.logits, without.logits, atol=1e-4)
     _, expected_cam = compute_cam(plain.model, x, "gradcam", with_tta.predicted)
     assert with_tta.target == with_tta.predicted
-    np.testing.assert_allclose(with_tta.cam, expected_cam, atol=1e-6)
+    np.testing.assert_allclose(with_tta.cam, expected_cam, atol=1e-5)  # features of a batch of views
     assert hooks_left(tta.model) == 0
 
 
@@ -490,3 +490,16 @@ def test_test_set_cam_agreement_of_a_model_with_itself_is_one_and_a_shuffled_stu
     precomputed = teacher_class_maps(teacher, images, stats)
     assert cam_agreement(other, teacher, images, stats, stats, batch_size=5, teacher_maps=precomputed) == apart
     assert cam_agreement(models.create("mlp"), teacher, images, stats, stats) is None
+
+
+def test_topk_chart_draws_the_probabilities_best_on_top(zoo, photo):
+    from kd_core.dashboard.explain_tab import topk_chart
+
+    model = explain(photo, [zoo.get("camnet")], top_k=3).teacher
+    figure = topk_chart(model).to_dict()
+    (bars,) = figure["data"]
+    assert bars["type"] == "bar" and bars["orientation"] == "h"
+    assert list(bars["y"]) == [name for name, _ in model.top_k][::-1]
+    assert list(bars["x"]) == pytest.approx([100 * p for _, p in model.top_k][::-1])
+    assert figure["layout"]["title"]["text"] == f"camnet: {model.predicted_class}"
+    assert figure["layout"]["xaxis"]["range"] == [0, 100]

@@ -223,7 +223,7 @@ def test_path_bytes_pil_and_array_agree(tmp_path):
 
 def test_display_size_is_capped_keeping_the_aspect_ratio():
     wide = Image.new("RGB", (3000, 1000), RED)
-    assert load_image(wide).size == (1024, 341)
+    assert load_image(wide).size == (512, 171)
     assert load_image(wide, max_side=300).size == (300, 100)
     assert load_image(wide, max_side=None).size == (3000, 1000)
     assert load_image(Image.new("RGB", (50, 20))).size == (50, 20)  # never enlarged
@@ -231,7 +231,7 @@ def test_display_size_is_capped_keeping_the_aspect_ratio():
 
 def test_large_jpeg_is_capped():
     photo = encoded(noise_image(2400, 1800), "JPEG")
-    assert load_image(photo).size == (1024, 768)
+    assert load_image(photo).size == (512, 384)
 
 
 # --- model input -----------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ draws on (uploads are capped at 1024 pixels a side), so the worst case for decod
 
     python -m kd_core benchmark serve [--url URL | --checkpoints DIR] [--clients 16] [--calls 20] [--rounds 2]
 
-drives a served app through its API as concurrent clients would: each client explains a photo
-(``--image``, else the synthetic one) with the teacher and two students ``--calls`` times. Without
+drives a served app over HTTP as concurrent visitors' pages would: each explains a photo
+(``--image``, else the synthetic one) with the teacher and two students ``--calls`` times (upload,
+queue, event stream, overlays downloaded). Without
 ``--url`` it starts ``python app.py`` on ``--checkpoints`` itself. It prints, per round, errors,
 median and 95th-percentile round trip, calls per second, and the server's memory growth
 (resident set size, read from /proc, when the server's pid is known: started here or ``--pid``).
@@ -37,10 +38,13 @@ ten times longer.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,44 +241,89 @@ def _start_app(checkpoints: Path, port: int):
     raise RuntimeError("app.py did not answer within 120 s")
 
 
+class _ExplainClient:
+    """One visitor of the served app, speaking Gradio's HTTP protocol as its page does: upload the
+    image, join the queue for ``/explain``, read the event stream to the result, download the
+    overlays. (Raw HTTP, not ``gradio_client``: that library's own work, on the same two cores,
+    cost more than the server's and was counted in every round trip.)"""
+
+    def __init__(self, url: str, image: Path, inputs: list) -> None:
+        import httpx
+
+        self.api = url.rstrip("/") + "/gradio_api"
+        self.http = httpx.Client(timeout=120)
+        self.image, self.inputs = image, inputs
+        config = self.http.get(url.rstrip("/") + "/config").raise_for_status().json()
+        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
+        self.session = uuid.uuid4().hex  # one page, one session, as a browser tab keeps it
+
+    def explain(self) -> None:
+        """One round trip; raises on any error (HTTP, protocol, or the app's own message)."""
+        with open(self.image, "rb") as file:
+            uploaded = self.http.post(f"{self.api}/upload", files={"files": (self.image.name, file)})
+        path = uploaded.raise_for_status().json()[0]
+        payload = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": self.image.name}
+        self.http.post(f"{self.api}/queue/join", json={"data": [payload, *self.inputs], "fn_index": self.fn_index,
+                                                       "session_hash": self.session}).raise_for_status()
+        with self.http.stream("GET", f"{self.api}/queue/data", params={"session_hash": self.session}) as stream:
+            stream.raise_for_status()
+            for line in stream.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    break
+            else:
+                raise RuntimeError("the event stream ended before the result")
+        if not message.get("success"):
+            raise RuntimeError(f"the app answered with an error: {message.get('output')}")
+        for value in message["output"]["data"]:  # files the page would fetch (data: URLs came inline)
+            if isinstance(value, dict) and str(value.get("url")).startswith(("http://", "https://")):
+                self.http.get(value["url"]).raise_for_status()
+
+    def close(self) -> None:
+        self.http.close()
+
+
 def bench_serve(url: str, image: Path, teacher: str, students: list[str], clients: int = 16, calls: int = 20,
-                rounds: int = 2, pid: int | None = None) -> list[dict[str, float]]:
-    """Rounds of ``clients`` concurrent API clients making ``calls`` explain calls each; per round
-    the errors, median and p95 round trip (ms), calls per second and the server's RSS growth."""
+                rounds: int = 2, pid: int | None = None) -> list[dict[str, Any]]:
+    """Rounds of ``clients`` concurrent visitors (:class:`_ExplainClient`) making ``calls`` explain
+    calls each; per round the errors (and their kinds), median and p95 round trip (ms), calls per
+    second and the server's RSS growth."""
+    from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradio_client import Client, handle_file
+    inputs = [teacher, students, "gradcam", "each model's own prediction", 5, 0.5]
+    pool = [_ExplainClient(url, Path(image), inputs) for _ in range(clients)]
+    try:
+        pool[0].explain()  # warm-up: models loaded, code paths taken once
+        results = []
+        start_rss = _rss_bytes(pid) if pid else None
+        for _ in range(rounds):
+            def work(client: _ExplainClient) -> tuple[list[float], Counter]:
+                times, errors = [], Counter()
+                for _ in range(calls):
+                    started = time.perf_counter()
+                    try:
+                        client.explain()
+                        times.append(1000 * (time.perf_counter() - started))
+                    except Exception as error:  # counted by kind, not raised: the point is how many
+                        errors[type(error).__name__] += 1
+                return times, errors
 
-    pool = [Client(url, verbose=False) for _ in range(clients)]
-    for client in pool[:1]:  # warm-up: models loaded, code paths taken once
-        client.predict(handle_file(str(image)), teacher, students, "gradcam", "each model's own prediction",
-                       5, 0.5, api_name="/explain")
-    results = []
-    start_rss = _rss_bytes(pid) if pid else None
-    for _ in range(rounds):
-        def work(client) -> tuple[list[float], int]:
-            times, errors = [], 0
-            for _ in range(calls):
-                started = time.perf_counter()
-                try:
-                    client.predict(handle_file(str(image)), teacher, students, "gradcam",
-                                   "each model's own prediction", 5, 0.5, api_name="/explain")
-                    times.append(1000 * (time.perf_counter() - started))
-                except Exception:  # an error is counted, not raised: the point is how many
-                    errors += 1
-            return times, errors
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as executor:
-            outcomes = list(executor.map(work, pool))
-        elapsed = time.perf_counter() - started
-        times = [value for outcome in outcomes for value in outcome[0]]
-        rss = _rss_bytes(pid) if pid else None
-        results.append({"calls": clients * calls, "errors": sum(outcome[1] for outcome in outcomes),
-                        "median_ms": float(np.median(times)) if times else float("nan"),
-                        "p95_ms": float(np.percentile(times, 95)) if times else float("nan"),
-                        "calls_per_second": len(times) / elapsed,
-                        "rss_growth_mb": None if rss is None or start_rss is None else (rss - start_rss) / 1e6})
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=clients) as executor:
+                outcomes = list(executor.map(work, pool))
+            elapsed = time.perf_counter() - started
+            times = [value for outcome in outcomes for value in outcome[0]]
+            errors = sum((outcome[1] for outcome in outcomes), Counter())
+            rss = _rss_bytes(pid) if pid else None
+            results.append({"calls": clients * calls, "errors": sum(errors.values()), "error_kinds": dict(errors),
+                            "median_ms": float(np.median(times)) if times else float("nan"),
+                            "p95_ms": float(np.percentile(times, 95)) if times else float("nan"),
+                            "calls_per_second": len(times) / elapsed,
+                            "rss_growth_mb": None if rss is None or start_rss is None else (rss - start_rss) / 1e6})
+    finally:
+        for client in pool:
+            client.close()
     return results
 
 
@@ -308,7 +357,8 @@ def _print_serve(args) -> int:
     for label, rows in (("1 client (idle server)", idle), (f"{args.clients} clients", loaded)):
         for number, row in enumerate(rows, 1):
             growth = "n/a" if row["rss_growth_mb"] is None else f"{row['rss_growth_mb']:+.0f} MB"
-            print(f"  {label}, round {number}: {row['calls']} calls, {row['errors']} errors, median "
+            kinds = f" ({', '.join(f'{n} {kind}' for kind, n in row['error_kinds'].items())})" if row["errors"] else ""
+            print(f"  {label}, round {number}: {row['calls']} calls, {row['errors']} errors{kinds}, median "
                   f"{row['median_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, {row['calls_per_second']:.1f} calls/s, "
                   f"server memory {growth}")
     return 0

@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # what the app accepts as an upload, file or data: URL
 NOT_UPLOADED = "the image must be uploaded through this page (or sent as a data: URL); no other file is read"
 MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB of RGB; anything larger is refused
-DISPLAY_MAX_SIDE = 1024
+DISPLAY_MAX_SIDE = 512  # the panels draw maps about 260 px high: sharp at twice the pixel density
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "AVIF", "QOI")
 
 # Pillow only warns about images between MAX_IMAGE_PIXELS and twice that; make it an error, once,

@@ -22,7 +22,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from ..models.base import SingleView
+from ..models.base import Classifier, SingleView, tta_views, view_mean
 from ..registry import Registry
 
 CAM_METHODS: Registry[BaseCAM] = Registry("CAM method")
@@ -77,19 +77,37 @@ def _gradcam(model: nn.Module, input_tensor: torch.Tensor, target: int | None) -
     rather than carried back to the input, so the trunk runs forward once and never backward, and
     several threads may explain with one model at once. The map is scaled as the package scales
     it (:func:`scale_cam_image`, per layer and then over layers), so both give the same numbers."""
+    return _gradcam_of_views(model, input_tensor, [1.0], target)
+
+
+def predict_with_gradcam(model: Classifier, input_tensor: torch.Tensor,
+                         target: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """What ``model(input_tensor)`` predicts ``(K,)`` (test-time augmentation included) and the
+    Grad-CAM of the image itself (as :func:`compute_cam` gives it) for ``target`` (None: that
+    prediction's class), from one pass over every view: the map reuses the first view's features."""
+    if model.flip_tta and not model.training:
+        views, weights = tta_views(input_tensor, model.translate_tta)
+        return _gradcam_of_views(model, views, weights, target)
+    return _gradcam_of_views(model, input_tensor, [1.0], target)
+
+
+def _gradcam_of_views(model: nn.Module, views: torch.Tensor, weights: list[float],
+                      target: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits averaged over ``views`` (one image's views, itself first) and its Grad-CAM."""
     model.cam_module()  # a model with no spatial feature map has no CAM: say so
     with model_lock(model), torch.no_grad():
-        features = model.forward_features(input_tensor)                          # (1, C, h, w)
+        features = model.forward_features(views)                                 # (V, C, h, w)
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.forward_head(features)
-        chosen = int(logits[0].argmax()) if target is None else target
-        (gradient,) = torch.autograd.grad(logits[0, chosen], features)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)                            # (1, C, 1, 1)
-    cam = torch.relu((weights * features.detach()).sum(dim=1)).numpy()           # (1, h, w)
-    size = (input_tensor.shape[-1], input_tensor.shape[-2])                     # (width, height)
+        per_view = model.forward_head(features)                                  # (V, K)
+    logits = view_mean(per_view.detach(), weights)[0]
+    chosen = int(logits.argmax()) if target is None else target
+    (gradient,) = torch.autograd.grad(per_view[0, chosen], features)
+    channel_weights = gradient[:1].mean(dim=(2, 3), keepdim=True)                # (1, C, 1, 1)
+    cam = torch.relu((channel_weights * features[:1].detach()).sum(dim=1)).numpy()  # (1, h, w)
+    size = (views.shape[-1], views.shape[-2])                                    # (width, height)
     maps = scale_cam_image(np.maximum(scale_cam_image(cam, size), 0))
-    return logits.detach()[0], np.clip(maps[0], 0.0, 1.0).astype(np.float32)
+    return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 
 
 def input_saliency(model: nn.Module, input_tensor: torch.Tensor, target: int) -> np.ndarray:

@@ -19,7 +19,8 @@ from PIL import Image
 from ..checkpoint import LoadedCheckpoint
 from ..evaluation import agreement
 from .images import DISPLAY_MAX_SIDE, load_image, to_model_input
-from .methods import CAM_METHODS, cam_methods, compute_cam, input_saliency, model_lock, overlay_heatmap
+from .methods import (CAM_METHODS, cam_methods, compute_cam, input_saliency, model_lock, overlay_heatmap,
+                      predict_with_gradcam)
 from .similarity import cam_correlation, same_size, top_region_iou
 
 
@@ -80,10 +81,15 @@ def explain(image: Any, checkpoints: Sequence[LoadedCheckpoint], method: str = "
     picture = load_image(image, max_side)
     pixels = np.asarray(picture)  # (h, w, 3) uint8
     results: list[ModelExplanation] = []
+    shrunk: dict[tuple[int, int], Image.Image] = {}  # the upload at each RGB model's input size, made once
     for checkpoint in checkpoints:
         teacher_prediction = results[0].predicted if results else None
         class_index = _target_index(target, checkpoint.classes, teacher_prediction)
-        results.append(_explain_one(checkpoint, picture, pixels, method, class_index, top_k, opacity))
+        channels, height, width = checkpoint.meta["data"]["input_size"]
+        if channels == 3 and (width, height) not in shrunk:
+            shrunk[width, height] = picture.resize((width, height), Image.Resampling.BILINEAR)  # as to_model_input
+        source = shrunk[width, height] if channels == 3 else picture
+        results.append(_explain_one(checkpoint, source, pixels, method, class_index, top_k, opacity))
     agreements = [compare(results[0], student) for student in results[1:]]
     return Explanation(pixels, method, results, agreements, time.perf_counter() - started)
 
@@ -138,21 +144,23 @@ def _target_index(target: str | int, classes: list[str], teacher_prediction: int
 def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.ndarray, method: str,
                  target: int | None, top_k: int, opacity: float) -> ModelExplanation:
     model = checkpoint.model
-    input_tensor = to_model_input(picture, checkpoint.meta)  # (1, C, H, W)
-    cam = overlay = None
+    input_tensor = to_model_input(picture, checkpoint.meta)  # (1, C, H, W); ``picture`` may be that size already
     note = ""
-    with model_lock(model), torch.no_grad():
-        logits = model(input_tensor)[0]  # the model's own prediction, test-time augmentation included
     if model.cam_layer is None:
+        with model_lock(model), torch.no_grad():
+            logits = model(input_tensor)[0]  # the model's own prediction, test-time augmentation included
         cam = input_saliency(model, input_tensor, int(logits.argmax()) if target is None else target)
-        overlay = overlay_heatmap(pixels, cam, opacity)
         note = (f"input-gradient saliency, not a CAM: {checkpoint.meta['arch']} has no spatial feature map "
                 "(|d score / d pixel|, largest over channels)")
+    elif method == "gradcam":  # the prediction and the map from one pass over the views
+        logits, cam = predict_with_gradcam(model, input_tensor, target)
     else:
+        with model_lock(model), torch.no_grad():
+            logits = model(input_tensor)[0]
         _, cam = compute_cam(model, input_tensor, method, int(logits.argmax()) if target is None else target)
-        overlay = overlay_heatmap(pixels, cam, opacity)
-        if cam.max() == 0:
-            note = "the map is empty: nothing at the target layer raises this class's score"
+    overlay = overlay_heatmap(pixels, cam, opacity)
+    if model.cam_layer is not None and cam.max() == 0:
+        note = "the map is empty: nothing at the target layer raises this class's score"
     probabilities = torch.softmax(logits.double(), dim=0).numpy()
     predicted = int(probabilities.argmax())
     explained = None if cam is None else predicted if target is None else target

@@ -33,10 +33,9 @@ def shifted_mirror_mean(single_pass, x: torch.Tensor) -> torch.Tensor:
 BATCHED_TTA_MAX = 64  # views of a few images (an upload being explained) go through the net as one batch
 
 
-def batched_tta(single_pass, x: torch.Tensor, translate: bool) -> torch.Tensor:
-    """What :func:`mirror_mean` or :func:`shifted_mirror_mean` compute, with every view of ``x``
-    ``(B, C, H, W)`` in one batch: one pass rather than two or six, for small ``B`` (in eval mode a
-    sample's logits do not depend on its batch)."""
+def tta_views(x: torch.Tensor, translate: bool) -> tuple[torch.Tensor, list[float]]:
+    """Every test-time-augmentation view of ``x`` ``(B, C, H, W)`` as one batch ``(V * B, C, H, W)``,
+    the image itself first, and each view's weight in the mean."""
     views, weights = [x, x.flip(-1)], [0.5, 0.5]
     if translate:
         height, width = x.shape[-2:]
@@ -44,8 +43,21 @@ def batched_tta(single_pass, x: torch.Tensor, translate: bool) -> torch.Tensor:
         up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
         views += [up_left, up_left.flip(-1), down_right, down_right.flip(-1)]
         weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
-    logits = single_pass(torch.cat(views)).view(len(views), len(x), -1)             # (V, B, K)
+    return torch.cat(views), weights
+
+
+def view_mean(logits: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """The weighted mean over views of ``logits`` ``(V * B, K)`` made from :func:`tta_views`."""
+    logits = logits.view(len(weights), -1, logits.shape[-1])                         # (V, B, K)
     return (logits * torch.tensor(weights, dtype=logits.dtype, device=logits.device).view(-1, 1, 1)).sum(0)
+
+
+def batched_tta(single_pass, x: torch.Tensor, translate: bool) -> torch.Tensor:
+    """What :func:`mirror_mean` or :func:`shifted_mirror_mean` compute, with every view of ``x``
+    ``(B, C, H, W)`` in one batch: one pass rather than two or six, for small ``B`` (in eval mode a
+    sample's logits do not depend on its batch)."""
+    views, weights = tta_views(x, translate)
+    return view_mean(single_pass(views), weights)
 
 
 class Classifier(nn.Module):

@@ -16,6 +16,8 @@ The interface only; the work is in kd_core. ``demo`` is built at import and noth
   their checkpoint and files, and teacher banks unused for as long are deleted;
 - ``KD_TENSORBOARD_DIR``: when set, every job also writes TensorBoard curves to ``DIR/job-<id>-<name>``;
 - ``KD_APP_THREADS``: torch and BLAS threads for explaining (default 1: lowest latency beside a job);
+  each event answers two calls at a time. Explain's overlays come back inside the result as
+  ``data:image/jpeg;base64,...`` URLs (an API client finds the picture in the value's ``url``);
 - ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: where to serve (default 127.0.0.1:7860).
 """
 from __future__ import annotations
@@ -362,7 +364,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                 with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
                     caption = gr.Markdown()
                     chart = gr.Plot(label="top-k")
-                    # JPEG: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250; sent inline
+                    # JPEG, sent inline: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250
                     overlay = inline_output(gr.Image(label="CAM", type="numpy", interactive=False, height=260,
                                                      format="jpeg", elem_classes=["cam-panel"]))
                 panel_outputs += [column, caption, chart, overlay]
@@ -466,7 +468,7 @@ def main() -> None:
 
     from kd_core.runtime import limit_malloc_arenas
 
-    limit_malloc_arenas(1)  # request threads share freed memory (16 clients, two rounds: +20 MB, not +130)
+    limit_malloc_arenas()  # request threads share freed memory (16 clients, two rounds: +20 MB, not +130)
     threads = int(os.environ.get("KD_APP_THREADS", "1"))
     torch.set_num_threads(threads)
     threadpool_limits(threads)

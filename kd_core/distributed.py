@@ -40,9 +40,10 @@ How training uses it (kd_core.training.engine):
   the unwrapped modules and the shared generators, so it resumes on any number of processes; every
   process reads it, so the run folder must be on a file system they all share.
 - Failure: every collective waits at most the process group's timeout (``KD_DIST_TIMEOUT_S``,
-  default 1800 s; it must exceed rank 0's longest solo work, the teacher bank's build). When a
-  process dies or hangs, the others raise :class:`DistributedError` instead of waiting forever
-  (on NCCL, torch's watchdog may end the process first, with its own message).
+  default 1800 s; it must exceed rank 0's longest solo work: the teacher bank's build, or in a study
+  the CAM agreement it measures over the test split after each run). When a process dies or hangs,
+  the others raise :class:`DistributedError` instead of waiting forever (on NCCL, torch's watchdog
+  may end the process first, with its own message).
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def reuse_freed_memory() -> bool:
     return mallopt is not None and bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
-def limit_malloc_arenas(count: int = 2) -> bool:
+def limit_malloc_arenas(count: int = 1) -> bool:
     """Let glibc's malloc keep at most ``count`` arenas (its default is eight per core): each
     thread that allocates otherwise gets an arena of its own whose freed memory no other thread
     reuses, so a server answering on many threads grows by an arena's worth per thread. Whether it

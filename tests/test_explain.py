@@ -213,19 +213,27 @@ def test_concurrent_explains_match_sequential_ones(zoo, photo):
             assert np.array_equal(got.cam, want.cam) and np.array_equal(got.probabilities, want.probabilities)
 
 
-@pytest.mark.parametrize("name", ["camnet", "lightnn", "camnet_gray"])
+@pytest.mark.parametrize("name", ["camnet", "lightnn", "camnet_gray", "airnet", "airnet_channels_last"])
 @pytest.mark.parametrize("target", [None, 1])
 def test_gradcam_without_hooks_gives_the_packages_map(zoo, name, target):
     """compute_cam's "gradcam" takes the gradient at the feature map, with no hook and no backward
     pass through the trunk; the grad-cam package's GradCAM hooks the CAM layer and backpropagates
-    to the input. Same map and logits."""
+    to the input. Same map and logits, also for airnet (its head pools by max and mean) and a model
+    in channels-last memory, as the app's cache keeps them."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from kd_core.models.base import SingleView
 
-    model = zoo.get(name).model
-    _, _, channels, side = ZOO[name]
+    if name.startswith("airnet"):
+        torch.manual_seed(1)
+        model = models.create("airnet", num_classes=3, widths=[8, 16, 16]).eval()
+        if name == "airnet_channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        channels, side = 3, 32
+    else:
+        model = zoo.get(name).model
+        _, _, channels, side = ZOO[name]
     torch.manual_seed(3)
     x = torch.randn(1, channels, side, side)
     logits, ours = compute_cam(model, x, "gradcam", target)
@@ -235,14 +243,15 @@ def test_gradcam_without_hooks_gives_the_packages_map(zoo, name, target):
         theirs = cam(x.clone().requires_grad_(True), None if target is None else [ClassifierOutputTarget(target)])[0]
     finally:
         cam.activations_and_grads.release()
-    assert ours.shape == (side, side) and ours.max() == pytest.approx(1, abs=1e-6) and hooks_left(model) == 0
+    assert ours.shape == (side, side) and hooks_left(model) == 0
+    assert ours.max() == pytest.approx(1, abs=1e-6) or (target is not None and ours.max() == 0)  # 0: nothing raises it
     np.testing.assert_allclose(ours, np.clip(theirs, 0, 1), atol=1e-5)
     torch.testing.assert_close(logits, model.single_pass(x)[0].detach())
 
 
 def test_hooked_and_hook_free_methods_share_a_model_across_threads(zoo, photo):
     """Grad-CAM (no hooks) runs beside other threads' passes; a method of the grad-cam package
-    holds the model alone while its hooks are on: every thread gets the map it gets alone."""
+    hooks a private copy of the model: every thread gets the map it gets alone."""
     checkpoints = [zoo.get("camnet"), zoo.get("lightnn")]
     expected = {method: explain(photo, checkpoints, method=method) for method in ("gradcam", "layercam")}
     results, errors = [], []
@@ -503,3 +512,9 @@ def test_topk_chart_draws_the_probabilities_best_on_top(zoo, photo):
     assert list(bars["x"]) == pytest.approx([100 * p for _, p in model.top_k][::-1])
     assert figure["layout"]["title"]["text"] == f"camnet: {model.predicted_class}"
     assert figure["layout"]["xaxis"]["range"] == [0, 100]
+
+
+def test_a_model_in_training_mode_is_refused_rather_than_changed(zoo):
+    model = models.create("camnet", num_classes=3).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        compute_cam(model, torch.randn(1, 3, 32, 32), "gradcam")

@@ -14,17 +14,17 @@ Like the training commands it keeps freed memory for reuse (:mod:`kd_core.runtim
 
 times whole :func:`kd_core.explain.pipeline.explain` calls as the app makes them: from an image file
 (decoded every call) to probabilities, maps and overlays. The image is ``--image`` (e.g. one of
-``assets/examples/``), else a synthetic 1024 x 768 JPEG: the largest picture the Explain tab
-draws on (uploads are capped at 1024 pixels a side), so the worst case for decoding and overlays.
+``assets/examples/``), else a synthetic 1024 x 768 JPEG (the Explain tab draws on it at 512 x 384,
+decoding it at half scale).
 
     python -m kd_core benchmark serve [--url URL | --checkpoints DIR] [--clients 16] [--calls 20] [--rounds 2]
 
 drives a served app over HTTP as concurrent visitors' pages would: each explains a photo
 (``--image``, else the synthetic one) with the teacher and two students ``--calls`` times (upload,
-queue, event stream, overlays downloaded). Without
-``--url`` it starts ``python app.py`` on ``--checkpoints`` itself. It prints, per round, errors,
-median and 95th-percentile round trip, calls per second, and the server's memory growth
-(resident set size, read from /proc, when the server's pid is known: started here or ``--pid``).
+queue, event stream; the overlays come inside the result). Without ``--url`` it starts ``python
+app.py`` on ``--checkpoints`` itself. It prints, per round, errors by kind, median and
+95th-percentile round trip, calls per second, and the server's memory growth (resident set size,
+read from /proc, when the server's pid is known: started here or ``--pid``).
 
     python -m kd_core benchmark models [--checkpoints DIR] [--sample FILE]
 
@@ -263,13 +263,16 @@ class _ExplainClient:
             uploaded = self.http.post(f"{self.api}/upload", files={"files": (self.image.name, file)})
         path = uploaded.raise_for_status().json()[0]
         payload = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": self.image.name}
-        self.http.post(f"{self.api}/queue/join", json={"data": [payload, *self.inputs], "fn_index": self.fn_index,
-                                                       "session_hash": self.session}).raise_for_status()
+        joined = self.http.post(f"{self.api}/queue/join", json={"data": [payload, *self.inputs],
+                                                                "fn_index": self.fn_index, "session_hash": self.session})
+        event = joined.raise_for_status().json()["event_id"]
         with self.http.stream("GET", f"{self.api}/queue/data", params={"session_hash": self.session}) as stream:
             stream.raise_for_status()
             for line in stream.iter_lines():
                 message = json.loads(line[5:]) if line.startswith("data:") else {}
-                if message.get("msg") == "process_completed":
+                if message.get("msg") in ("unexpected_error", "server_stopped"):
+                    raise RuntimeError(f"the server ended the call ({message['msg']}): {message.get('message')}")
+                if message.get("msg") == "process_completed" and message.get("event_id") == event:
                     break
             else:
                 raise RuntimeError("the event stream ended before the result")

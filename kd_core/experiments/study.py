@@ -290,10 +290,13 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             result, path = run(spec, callbacks=callbacks(name))
             if path is None:
                 raise KeyboardInterrupt
+            # every process records the run (so that all agree on what is done); the first measures and saves
+            cam = None
+            if teacher and main_process:
+                cam = _teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
+            rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
+                             result.evaluated_on, cam))
             if main_process:
-                cam = _teacher_cam_agreement(path, teacher, data, run_config, cache_dir) if teacher else None
-                rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                                 result.evaluated_on, cam))
                 save_results(results_path, rows)
             write_summary()
             log(f"  {variant.label}, seed {seed}: {result.evaluated_on} top-1 {result.test_top1:.2f}%")

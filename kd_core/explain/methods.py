@@ -1,16 +1,17 @@
 """CAM methods for people: the grad-cam package's heatmaps over a checkpoint's CAM layer.
 
 A method is a registry entry (:data:`CAM_METHODS`); :func:`compute_cam` runs one on a model and
-:func:`overlay_heatmap` draws its map over the uploaded picture. The grad-cam package hooks the
-target layer, calls ``model.eval()`` and ``model.zero_grad()`` and returns NumPy, so it only runs on
-private, frozen copies of checkpoints (:class:`kd_core.explain.cache.ModelCache`), never on a model
-being trained. The differentiable CAMs that train students are in :mod:`kd_core.cam`.
+:func:`overlay_heatmap` draws its map over the uploaded picture. Grad-CAM, the default, is computed
+here without hooks (the package's numbers, see :func:`_gradcam`), so any number of threads explain
+with one model at once. The package's other methods hook the target layer, call ``model.eval()``
+and ``model.zero_grad()`` and return NumPy: each call runs them on a private copy of the model. The
+app's models are frozen copies of checkpoints (:class:`kd_core.explain.cache.ModelCache`), never a
+model being trained. The differentiable CAMs that train students are in :mod:`kd_core.cam`.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-import weakref
+import copy
 from typing import Iterator
 
 import cv2
@@ -57,7 +58,11 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     if method == "gradcam":
         return _gradcam(model, input_tensor, target)
     targets = None if target is None else [ClassifierOutputTarget(target)]
-    with model_lock(model, exclusive=True), _cam(method, SingleView(model)) as cam:
+    # The package hooks the target layer (recording every pass through it, any thread's) and calls
+    # eval() and zero_grad(): it gets a private copy, so the caller's model is never touched and
+    # other threads keep using it (airnet: about 15 ms to copy, against 1-3 s for Score-CAM).
+    private = copy.deepcopy(model)
+    with _cam(method, SingleView(private)) as cam:
         if cam.uses_gradients:
             # The gradient flows from the input, so the target layer gets one even though the
             # cached copies' weights are frozen (and no weight gradients are computed).
@@ -66,8 +71,6 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
             with torch.no_grad():
                 maps = cam(input_tensor, targets)
         logits = cam.outputs.detach()[0]
-    if any(parameter.grad is not None for parameter in model.parameters()):
-        model.zero_grad(set_to_none=True)  # a model with trainable weights got weight gradients
     return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 
 
@@ -95,7 +98,9 @@ def _gradcam_of_views(model: nn.Module, views: torch.Tensor, weights: list[float
                       target: int | None) -> tuple[torch.Tensor, np.ndarray]:
     """Logits averaged over ``views`` (one image's views, itself first) and its Grad-CAM."""
     model.cam_module()  # a model with no spatial feature map has no CAM: say so
-    with model_lock(model), torch.no_grad():
+    if model.training:
+        raise ValueError("explain a model in eval mode: in training mode its batch-norm statistics would change")
+    with torch.no_grad():
         features = model.forward_features(views)                                 # (V, C, h, w)
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -115,7 +120,7 @@ def input_saliency(model: nn.Module, input_tensor: torch.Tensor, target: int) ->
     gradient of class ``target``'s score with respect to each input pixel, largest over channels,
     scaled to [0, 1]: ``(H, W)`` float32 at the input's resolution."""
     pixels = input_tensor.detach().clone().requires_grad_(True)             # (1, C, H, W)
-    with model_lock(model), torch.enable_grad():
+    with torch.enable_grad():
         score = model.single_pass(pixels)[0, target]
         (gradient,) = torch.autograd.grad(score, pixels)
     saliency = gradient[0].abs().amax(0)                                     # (H, W)
@@ -142,47 +147,3 @@ def _cam(method: str, model: nn.Module) -> Iterator[BaseCAM]:
         # What ``with cam:`` does, minus BaseCAM.__exit__ swallowing IndexError (it prints it and
         # returns True), which would turn a bug into a missing result.
         cam.activations_and_grads.release()
-
-
-class SharedLock:
-    """Many holders at once, or one exclusive holder (who waits for the others to leave, and is
-    served before newcomers)."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting_exclusive = 0
-
-    @contextlib.contextmanager
-    def hold(self, exclusive: bool) -> Iterator[None]:
-        with self._condition:
-            if exclusive:
-                self._waiting_exclusive += 1
-                self._condition.wait_for(lambda: not self._exclusive and not self._shared)
-                self._waiting_exclusive -= 1
-                self._exclusive = True
-            else:
-                self._condition.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
-                self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                if exclusive:
-                    self._exclusive = False
-                else:
-                    self._shared -= 1
-                self._condition.notify_all()
-
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, SharedLock] = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module, exclusive: bool = False) -> contextlib.AbstractContextManager:
-    """Hold ``model``: passes without hooks share it (any number of threads at once); a CAM of the
-    grad-cam package holds it alone, since its hooks would also record other threads' passes."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.setdefault(model, SharedLock())
-    return lock.hold(exclusive)

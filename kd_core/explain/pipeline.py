@@ -1,8 +1,8 @@
 """Explain one image with a teacher and its students: what each predicts, where it looks (a CAM
 drawn over the image), and how far each student agrees with the teacher.
 
-Speed: teacher + student + Grad-CAM on a 1024-pixel upload takes 20-45 ms on one CPU thread
-(``python -m kd_core.bench explain ...``). Give the app one thread for torch and for NumPy's BLAS
+Speed: airnet + camnet-kd-cam + Grad-CAM on a 1024 x 768 upload takes about 85 ms on one CPU
+thread, most of it airnet's six test-time-augmentation views (``python -m kd_core benchmark explain``). Give the app one thread for torch and for NumPy's BLAS
 (``torch.set_num_threads(1)`` and ``threadpoolctl.threadpool_limits(1)``) on a CPU shared with
 training: two threads fighting a trainer make each call five to ten times slower.
 """
@@ -19,8 +19,7 @@ from PIL import Image
 from ..checkpoint import LoadedCheckpoint
 from ..evaluation import agreement
 from .images import DISPLAY_MAX_SIDE, load_image, to_model_input
-from .methods import (CAM_METHODS, cam_methods, compute_cam, input_saliency, model_lock, overlay_heatmap,
-                      predict_with_gradcam)
+from .methods import CAM_METHODS, cam_methods, compute_cam, input_saliency, overlay_heatmap, predict_with_gradcam
 from .similarity import cam_correlation, same_size, top_region_iou
 
 
@@ -147,7 +146,7 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
     input_tensor = to_model_input(picture, checkpoint.meta)  # (1, C, H, W); ``picture`` may be that size already
     note = ""
     if model.cam_layer is None:
-        with model_lock(model), torch.no_grad():
+        with torch.no_grad():
             logits = model(input_tensor)[0]  # the model's own prediction, test-time augmentation included
         cam = input_saliency(model, input_tensor, int(logits.argmax()) if target is None else target)
         note = (f"input-gradient saliency, not a CAM: {checkpoint.meta['arch']} has no spatial feature map "
@@ -155,7 +154,7 @@ def _explain_one(checkpoint: LoadedCheckpoint, picture: Image.Image, pixels: np.
     elif method == "gradcam":  # the prediction and the map from one pass over the views
         logits, cam = predict_with_gradcam(model, input_tensor, target)
     else:
-        with model_lock(model), torch.no_grad():
+        with torch.no_grad():
             logits = model(input_tensor)[0]
         _, cam = compute_cam(model, input_tensor, method, int(logits.argmax()) if target is None else target)
     overlay = overlay_heatmap(pixels, cam, opacity)

@@ -56,7 +56,7 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     ``input_tensor`` ``(1, C, H, W)`` for class ``target`` (None: the predicted class), both from one
     pass (``forward_head(forward_features(x))``, no test-time augmentation)."""
     if method == "gradcam":
-        return _gradcam(model, input_tensor, target)
+        return _gradcam(model, input_tensor, [1.0], target)
     targets = None if target is None else [ClassifierOutputTarget(target)]
     # The package hooks the target layer (recording every pass through it, any thread's) and calls
     # eval() and zero_grad(): it gets a private copy, so the caller's model is never touched and
@@ -74,29 +74,24 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
     return logits, np.clip(maps[0], 0.0, 1.0).astype(np.float32)
 
 
-def _gradcam(model: nn.Module, input_tensor: torch.Tensor, target: int | None) -> tuple[torch.Tensor, np.ndarray]:
-    """The grad-cam package's GradCAM, computed without hooks: the gradient of the class score is
-    taken at the feature map (``forward_features``, the CAM layer's output by the zoo's contract)
-    rather than carried back to the input, so the trunk runs forward once and never backward, and
-    several threads may explain with one model at once. The map is scaled as the package scales
-    it (:func:`scale_cam_image`, per layer and then over layers), so both give the same numbers."""
-    return _gradcam_of_views(model, input_tensor, [1.0], target)
-
-
 def predict_with_gradcam(model: Classifier, input_tensor: torch.Tensor,
                          target: int | None) -> tuple[torch.Tensor, np.ndarray]:
     """What ``model(input_tensor)`` predicts ``(K,)`` (test-time augmentation included) and the
     Grad-CAM of the image itself (as :func:`compute_cam` gives it) for ``target`` (None: that
     prediction's class), from one pass over every view: the map reuses the first view's features."""
     if model.flip_tta and not model.training:
-        views, weights = tta_views(input_tensor, model.translate_tta)
-        return _gradcam_of_views(model, views, weights, target)
-    return _gradcam_of_views(model, input_tensor, [1.0], target)
+        return _gradcam(model, *tta_views(input_tensor, model.translate_tta), target)
+    return _gradcam(model, input_tensor, [1.0], target)
 
 
-def _gradcam_of_views(model: nn.Module, views: torch.Tensor, weights: list[float],
-                      target: int | None) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits averaged over ``views`` (one image's views, itself first) and its Grad-CAM."""
+def _gradcam(model: nn.Module, views: torch.Tensor, weights: list[float],
+             target: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    """Logits averaged over ``views`` (one image's views, itself first) and the image's Grad-CAM:
+    the grad-cam package's GradCAM, computed without hooks. The gradient of the class score is
+    taken at the feature map (``forward_features``, the CAM layer's output by the zoo's contract)
+    rather than carried back to the input, so the trunk runs forward once and never backward, and
+    several threads may explain with one model at once. The map is scaled as the package scales
+    it (:func:`scale_cam_image`, per layer and then over layers), so both give the same numbers."""
     model.cam_module()  # a model with no spatial feature map has no CAM: say so
     if model.training:
         raise ValueError("explain a model in eval mode: in training mode its batch-norm statistics would change")

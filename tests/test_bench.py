@@ -193,14 +193,24 @@ def test_time_to_accuracy_trains_both_ways_until_the_target(tmp_path, teacher):
     shutil.copy(teacher, tmp_path / "checkpoints" / "deepnn.safetensors")  # lightnn-kd's teacher, on a and b
     lines = []
     result = time_to_accuracy("lightnn-kd", f"folder:{tmp_path / 'data'}", tmp_path / "checkpoints", 0.001,
-                              max_epochs=2, cache_dir=tmp_path / "cache", log=lines.append)
+                              epochs=2, views=1, cache_dir=tmp_path / "cache", log=lines.append)
     for way in ("reference", "engine"):  # any correct test image reaches 0.001%: one epoch each
         assert result[way]["epochs"] == 1 and 0 < result[way]["top1"] <= 100 and result[way]["seconds"] > 0
     assert result["speedup"] == pytest.approx(result["reference"]["seconds"] / result["engine"]["seconds"])
+    assert not result["speedup_is_lower_bound"] and (result["max_epochs"], result["views"]) == (2, 1)
     assert lines[0] == "reference loop to 0.001% (at most 2 epochs)" and "reference loop epoch 1" in lines[1]
+    assert lines[-1] == "engine to 0.001% (recipe lightnn-kd over 2 epochs, a 1-view teacher bank built afresh)"
     table = format_time_to_accuracy(result)
-    assert "| reference loop | 1 |" in table and "| engine (bank built afresh) | 1 |" in table
+    assert "| reference loop | 1 |" in table and "| engine, 2-epoch schedule (1-view bank built afresh) | 1 |" in table
+    assert f"reaches it {result['speedup']:.1f}x sooner" in table and "at least" not in table
+    # only the engine got there: the reference's time, and the speedup, are lower bounds
+    slow = {**result, "reference": {"epochs": None, "top1": 61.5, "seconds": 600.0},
+            "engine": {"epochs": 2, "top1": 72.3, "seconds": 60.0}, "speedup": 10.0, "speedup_is_lower_bound": True}
+    table = format_time_to_accuracy(slow)
+    assert "| reference loop | not reached in 2 | 61.50% | 10.0 |" in table and "at least 10.0x sooner" in table
     with pytest.raises(ValueError, match="a percentage in"):
         time_to_accuracy("lightnn-kd", "cifar10", tmp_path, 120)
+    with pytest.raises(ValueError, match="views must be at least 1"):
+        time_to_accuracy("lightnn-kd", "cifar10", tmp_path, 72, views=0)
     with pytest.raises(ValueError, match="does not distil"):
         time_to_accuracy("lightnn-ce", "cifar10", tmp_path, 72)

@@ -1,13 +1,16 @@
 """``python -m kd_core benchmark``: how fast this distils, against the usual loop and the machine.
 
-    python -m kd_core benchmark [--quick] [--epochs 10] [--json FILE] [--threads 2] [--time-to-accuracy 72]
+    python -m kd_core benchmark [--quick] [--epochs 10] [--views 2] [--json FILE] [--threads 2] [--time-to-accuracy 72]
 
 measures everything in one run and prints it as tables (:mod:`.suite`: the reference loop, the
 engine live and on a teacher bank, the machine's matrix-multiply peak and each row's fraction of
 it, explain latency, every shipped checkpoint's evaluation throughput and batch-1 latency).
 ``--quick`` is the CI run (a few steps of each, under two minutes); the figures in the README come
 from a full run. ``--time-to-accuracy PCT`` then also distils deepnn -> lightnn both ways until the
-test accuracy reaches PCT, teacher bank included (:mod:`.accuracy`).
+test accuracy reaches PCT, teacher bank included (:mod:`.accuracy`): the engine over an
+``--epochs``-epoch schedule, the reference loop for at most ``--max-epochs`` (default the same).
+``--views`` sets the engine's bank size in both (default: each recipe's own, 8, made for 40 epochs
+and more; a short run pays less for fewer).
 
     python -m kd_core benchmark {distill,explain,serve,models,scaling} ...
 
@@ -36,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--quick", action="store_true", help="a few steps of each row (CI: under two minutes)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the run whose cost is given (default 10)")
+    parser.add_argument("--views", type=int,
+                        help="teacher views of the engine's bank in that run (default: each recipe's own)")
     parser.add_argument("--json", type=Path, help="also write the report here as JSON")
     parser.add_argument("--checkpoints", type=Path, default=recipes.CHECKPOINTS,
                         help="folder of the shipped checkpoints (default checkpoints/)")
@@ -46,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-to-accuracy", type=float, metavar="PCT",
                         help="also distil deepnn -> lightnn both ways until the test top-1 reaches PCT (the "
                              "published KD figure: 72) and report each wall time, teacher bank included")
-    parser.add_argument("--max-epochs", type=int, default=40, help="time to accuracy: give up after N epochs")
+    parser.add_argument("--max-epochs", type=int,
+                        help="time to accuracy: the reference loop gives up after N epochs (default --epochs)")
     probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models,scaling}",
                                    help="run one probe instead of the whole benchmark")
 
@@ -116,7 +122,7 @@ def _run_suite(args: argparse.Namespace) -> int:
 
     reuse_freed_memory()  # as the training commands run
     try:
-        report = suite.run(args.checkpoints, args.data, quick=args.quick, epochs=args.epochs,
+        report = suite.run(args.checkpoints, args.data, quick=args.quick, epochs=args.epochs, views=args.views,
                            cache_dir=args.cache_dir, progress=lambda line: print(f"- {line}", file=sys.stderr))
     except (ValueError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -127,8 +133,8 @@ def _run_suite(args: argparse.Namespace) -> int:
 
         try:
             report["time_to_accuracy"] = time_to_accuracy(
-                "lightnn-kd", args.data, args.checkpoints, args.time_to_accuracy, args.max_epochs, args.cache_dir,
-                log=lambda line: print(f"- {line}", file=sys.stderr))
+                "lightnn-kd", args.data, args.checkpoints, args.time_to_accuracy, args.epochs, args.max_epochs,
+                args.views, args.cache_dir, log=lambda line: print(f"- {line}", file=sys.stderr))
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

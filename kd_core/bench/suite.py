@@ -6,7 +6,7 @@ Every row is measured in the same run, on the same data (the recipes' CIFAR-10 c
   shipped recipes' students and objectives), the reference loop (:mod:`.reference`), the engine
   with the teacher run at every step, and the engine on a teacher bank; images per second, the
   ratio to the reference, and what an ``--epochs``-epoch run over the 50,000 training images costs
-  each way, the bank's build (the recipe's number of views) included;
+  each way, the bank's build (the recipe's number of views, or ``views``) included;
 - **the machine's peak**: float32 and bfloat16 matrix-multiply GFLOP/s on the threads in use, and
   the fraction of it each training and inference row reaches (:mod:`.peak` says how work is
   counted); each row against the peak of the precision it computes in (the engine trains under
@@ -79,11 +79,12 @@ def _student(recipe, checkpoint) -> torch.nn.Module:
 
 
 def training_rows(pair: str, data: DataBundle, root: Path, checkpoints: Path, scale: Scale, epochs: int,
-                  peaks: dict[str, float]) -> list[dict[str, Any]]:
-    """The reference loop, the engine live and the engine on a bank, for one recipe's pair."""
+                  peaks: dict[str, float], views: int | None = None) -> list[dict[str, Any]]:
+    """The reference loop, the engine live and the engine on a bank (``views`` views, default the
+    recipe's), for one recipe's pair."""
     recipe = recipes.get(pair)
     teacher = load_checkpoint(checkpoints / f"{recipe.teacher}.safetensors")
-    config = recipe.config
+    config = recipe.config if views is None else replace(recipe.config, teacher_views=views)
     # training and banks run one pass of each model, never the test-time augmentation
     student_macs = count_macs(_student(recipe, teacher), _shape(teacher), tta=False)
     teacher_macs = count_macs(teacher.model, _shape(teacher), tta=False)
@@ -187,10 +188,11 @@ def checkpoint_rows(checkpoints: Path, scale: Scale, peaks: dict[str, float]) ->
 
 
 def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_JPEG, quick: bool = False,
-        epochs: int = 10, cache_dir: Path | None = None, progress=print) -> dict[str, Any]:
+        epochs: int = 10, views: int | None = None, cache_dir: Path | None = None,
+        progress=print) -> dict[str, Any]:
     """All rows, as one JSON-able dict. ``progress`` gets a line as each part starts."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if epochs < 1 or (views is not None and views < 1):
+        raise ValueError(f"epochs and views must be at least 1, got {epochs} and {views}")
     scale = QUICK if quick else FULL
     started = time.perf_counter()
     for name in {recipes.get(pair).teacher for pair in PAIRS} | set(EXPLAIN):
@@ -206,7 +208,7 @@ def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_J
     training = []
     for pair in PAIRS:
         progress(f"training: {pair} (reference loop, engine live, engine on a bank)")
-        training += training_rows(pair, data, root, checkpoints, scale, epochs, peaks)
+        training += training_rows(pair, data, root, checkpoints, scale, epochs, peaks, views)
     progress(f"training: the {TEACHER} teacher from scratch")
     teacher_row = teacher_training_row(TEACHER, data, scale, epochs, peaks)
     progress("explain latency")
@@ -216,7 +218,7 @@ def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_J
         explain = bench_explain(checkpoints, *EXPLAIN, photo, repeats=scale.explain_repeats)
     progress("checkpoints: evaluation throughput and batch-1 latency")
     rows = checkpoint_rows(checkpoints, scale, peaks)
-    return {"quick": quick, "epochs": epochs, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"quick": quick, "epochs": epochs, "views": views, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": _cpu_name(), "peak_gflops": peaks, "matmul_size": scale.matmul_size, "training": training,
             "teacher_training": teacher_row,
             "explain": {"teacher": EXPLAIN[0], "student": EXPLAIN[1], "image": "1024x768 JPEG", **explain},

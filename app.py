@@ -36,6 +36,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it once, when imported (below, by grad-cam)
 
 import gradio as gr
+from gradio.components.gallery import GalleryData, GalleryImage
 from gradio.data_classes import ImageData
 from PIL import Image
 
@@ -155,15 +156,30 @@ def inline_output(image: gr.Image) -> gr.Image:
     the file truncated by the other's write."""
 
     def postprocess(value):
-        if value is None:
-            return None
-        with io.BytesIO() as encoded:
-            Image.fromarray(value).save(encoded, format=image.format)
-            payload = base64.b64encode(encoded.getvalue()).decode("ascii")
-        return ImageData(url=f"data:image/{image.format};base64,{payload}", orig_name=f"cam.{image.format}")
+        return None if value is None else _inline_image(value, image.format, "cam")
 
     image.postprocess = postprocess
     return image
+
+
+def inline_gallery(gallery: gr.Gallery) -> gr.Gallery:
+    """A gallery of ``(picture, caption)`` that travels inline as PNG ``data:`` URLs (see
+    :func:`inline_output`): the same sample images shown to every visitor of one model would
+    otherwise be the same cache files, rewritten in place on every call."""
+
+    def postprocess(value):
+        return GalleryData(root=[GalleryImage(image=_inline_image(picture, "png", f"sample-{index}"), caption=caption)
+                                 for index, (picture, caption) in enumerate(value or [])])
+
+    gallery.postprocess = postprocess
+    return gallery
+
+
+def _inline_image(picture, image_format: str, stem: str) -> ImageData:
+    with io.BytesIO() as encoded:
+        (picture if isinstance(picture, Image.Image) else Image.fromarray(picture)).save(encoded, format=image_format)
+        payload = base64.b64encode(encoded.getvalue()).decode("ascii")
+    return ImageData(url=f"data:image/{image_format};base64,{payload}", orig_name=f"{stem}.{image_format}")
 
 
 def run_explain(image, teacher, students, method, target, top_k, opacity):
@@ -364,7 +380,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                 with gr.Column(visible=slot < 3, elem_classes=["model-panel"]) as column:
                     caption = gr.Markdown()
                     chart = gr.Plot(label="top-k")
-                    # JPEG, sent inline: a 1024-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250
+                    # JPEG, sent inline: a 512-pixel overlay encodes in ~10 ms, WebP (Gradio's default) in ~250
                     overlay = inline_output(gr.Image(label="CAM", type="numpy", interactive=False, height=260,
                                                      format="jpeg", elem_classes=["cam-panel"]))
                 panel_outputs += [column, caption, chart, overlay]
@@ -386,7 +402,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
             per_class = gr.Plot(label="per-class accuracy")
             confusion = gr.Plot(label="confusion matrix")
         mistakes_note = gr.Markdown()
-        mistakes = gr.Gallery(label="the student is wrong, its teacher right", columns=8, height=320)
+        mistakes = inline_gallery(gr.Gallery(label="the student is wrong, its teacher right", columns=8, height=320))
         overview_outputs = [models_table, by_params, by_latency, chosen_model]
         models_page.select(models_overview, None, overview_outputs, api_name="models")
         chosen_model.change(model_details, chosen_model, [per_class, confusion, mistakes, mistakes_note],

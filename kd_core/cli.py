@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_benchmark_arguments(commands.add_parser(
         "benchmark", help="time the engine against the usual training loop and the machine's peak",
         description="Measure, in one run: the reference training loop against the engine (live teacher and teacher "
-                    "bank), the machine's matrix-multiply peak and each row's share of it, explain latency, and every "
+                    "bank), the machine's dense-kernel peak and each row's share of it, explain latency, and every "
                     "shipped checkpoint's evaluation throughput and batch-1 latency. A probe subcommand runs one "
                     "measurement alone."))
     commands.add_parser("recipes", help="list the named recipes and the command that runs each")

@@ -57,6 +57,16 @@ def limit_malloc_arenas(count: int = 1) -> bool:
     return mallopt is not None and bool(mallopt(M_ARENA_MAX, count))
 
 
+def channels_last_safe(*modules: torch.nn.Module | None) -> bool:
+    """Whether ``modules`` may run in channels-last memory: not where one has a strided 1x1
+    convolution on 3 input channels, whose CPU kernel in torch 2.14 corrupts the heap on AVX2 CPUs
+    at one thread with channels-last input (the zoo avoids it: ``models/reparam.py``; a timm or
+    imported model may not). Such models run in the default layout instead."""
+    return not any(isinstance(layer, torch.nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride != (1, 1)
+                   and layer.in_channels == 3
+                   for module in modules if module is not None for layer in module.modules())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else the CPU; ``cuda`` without a GPU is an error, not a silent CPU run."""
     if name == "auto":

@@ -72,6 +72,9 @@ def test_bench_distill_refuses_nonsense(teacher, capsys):
 
 def test_matmul_peak_and_the_work_accounting():
     assert peak.matmul_gflops(torch.float32, size=64, repeats=2) > 0
+    assert peak.conv_gflops(torch.float32, channels=8, side=4, batch=2, repeats=2) > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        peak.conv_gflops(channels=0)
     with pytest.raises(ValueError, match="at least 1"):
         peak.matmul_gflops(size=0)
     assert peak.training_macs(10, 5) == 3 * 10 + 5 and peak.training_macs(10) == 30

@@ -249,6 +249,35 @@ def test_gradcam_without_hooks_gives_the_packages_map(zoo, name, target):
     torch.testing.assert_close(logits, model.single_pass(x)[0].detach())
 
 
+def test_cams_under_a_callers_no_grad_and_a_private_copy_that_shares_frozen_weights(zoo, monkeypatch):
+    """compute_cam works inside torch.no_grad() (it needs a gradient, and takes one); the grad-cam
+    package's methods hook a copy of the modules that shares the cached model's frozen tensors."""
+    import copy
+
+    model = copy.deepcopy(zoo.get("camnet").model).requires_grad_(False).eval()
+    x = torch.randn(1, 3, 32, 32)
+    _, expected = compute_cam(model, x, "gradcam")
+    with torch.no_grad():
+        _, inside = compute_cam(model, x, "gradcam")
+    np.testing.assert_array_equal(inside, expected)
+    copies = []
+    real_deepcopy = copy.deepcopy
+
+    def watch(value, memo=None):
+        copies.append(real_deepcopy(value, memo))
+        return copies[-1]
+
+    import types
+
+    import kd_core.explain.methods as methods
+    monkeypatch.setattr(methods, "copy", types.SimpleNamespace(deepcopy=watch))
+    compute_cam(model, x, "layercam")
+    [private] = copies
+    assert private is not model and hooks_left(private) == 0 and hooks_left(model) == 0
+    assert all(mine is theirs for mine, theirs in zip(private.parameters(), model.parameters()))
+    assert all(mine is theirs for mine, theirs in zip(private.buffers(), model.buffers()))
+
+
 def test_hooked_and_hook_free_methods_share_a_model_across_threads(zoo, photo):
     """Grad-CAM (no hooks) runs beside other threads' passes; a method of the grad-cam package
     hooks a private copy of the model: every thread gets the map it gets alone."""

@@ -285,6 +285,30 @@ print("trained")
     assert done.returncode == 0 and done.stdout == "trained\n", done.stderr[-2000:]
 
 
+def test_models_with_the_crashing_kernel_keep_the_default_memory_layout():
+    """Where a model (a timm or imported one) has that strided 1x1 convolution on 3 channels, the
+    trainer and the app's model cache leave it in the default layout; the zoo's models go channels-last."""
+    from torch import nn
+
+    from kd_core.data import DataBundle, Split
+    from kd_core.runtime import channels_last_safe
+    from kd_core.training import TrainConfig, Trainer
+
+    risky = nn.Sequential(nn.Conv2d(3, 8, 1, stride=2), nn.ReLU())
+    assert not channels_last_safe(risky) and not channels_last_safe(models.create("camnet"), risky)
+    assert channels_last_safe(nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(3, 8, 1), None)
+    assert channels_last_safe(models.create("camnet_rep")) and channels_last_safe(models.create("airnet"))
+
+    split = Split(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    data = DataBundle("synthetic", split, split, ["a", "b"], (0.5,) * 3, (0.25,) * 3)
+    config = TrainConfig(epochs=1, batch_size=2, device="cpu")
+    assert Trainer(models.create("camnet", num_classes=2), data, config).channels_last
+    unsafe = models.create("camnet", num_classes=2)
+    unsafe.extra = nn.Conv2d(3, 4, 1, stride=2)  # anywhere in the model
+    trainer = Trainer(unsafe, data, config)
+    assert not trainer.channels_last and trainer.memory_format == torch.contiguous_format
+
+
 @pytest.mark.parametrize("translate", [False, True])
 def test_batched_test_time_augmentation_equals_the_view_by_view_mean(translate):
     from kd_core.models.base import batched_tta, mirror_mean, shifted_mirror_mean

@@ -50,6 +50,33 @@ def test_heads_that_are_not_pool_then_linear_and_token_models_are_told_apart():
         vit.cam_module()
 
 
+def test_channels_last_feature_maps_are_read_channels_first():
+    """Swin's timm features are (B, H, W, C): the wrapper hands them on as (B, C, H, W), so that CAMs
+    weigh channels, and gives its head what it expects; Grad-CAM agrees with the grad-cam package."""
+    import numpy as np
+    from pytorch_grad_cam import GradCAM
+
+    from kd_core.explain.methods import compute_cam
+    from kd_core.models.base import SingleView
+
+    swin = build("timm:swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                 num_heads=(1, 2))
+    assert swin._nhwc and swin.cam_layer == "features"
+    images = torch.randn(2, 3, 32, 32)
+    features = swin.forward_features(images)
+    assert features.shape == (2, swin.model.num_features, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(swin(images), swin.model(images))  # the same network, only read differently
+    _, ours = compute_cam(swin, images[:1], "gradcam")
+    single = SingleView(swin)
+    cam = GradCAM(single, [single.cam_module()])
+    try:
+        theirs = cam(images[:1].clone().requires_grad_(True), None)[0]
+    finally:
+        cam.activations_and_grads.release()
+    np.testing.assert_allclose(ours, np.clip(theirs, 0, 1), atol=1e-5)
+
+
 def test_unknown_names_wrong_sizes_and_offline_weights_get_clear_errors(monkeypatch):
     with pytest.raises(KeyError) as unknown_timm:
         models.create("timm:resnet_nope")

@@ -3,7 +3,7 @@
     python -m kd_core benchmark [--quick] [--epochs 10] [--views 2] [--json FILE] [--threads 2] [--time-to-accuracy 72]
 
 measures everything in one run and prints it as tables (:mod:`.suite`: the reference loop, the
-engine live and on a teacher bank, the machine's matrix-multiply peak and each row's fraction of
+engine live and on a teacher bank, the machine's dense-kernel peak and each row's fraction of
 it, explain latency, every shipped checkpoint's evaluation throughput and batch-1 latency).
 ``--quick`` is the CI run (a few steps of each, under two minutes); the figures in the README come
 from a full run. ``--time-to-accuracy PCT`` then also distils deepnn -> lightnn both ways until the

@@ -253,8 +253,12 @@ class _ExplainClient:
         self.api = url.rstrip("/") + "/gradio_api"
         self.http = httpx.Client(timeout=120)
         self.image, self.inputs = image, inputs
-        config = self.http.get(url.rstrip("/") + "/config").raise_for_status().json()
-        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
+        try:
+            config = self.http.get(url.rstrip("/") + "/config").raise_for_status().json()
+            self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
+        except BaseException:
+            self.http.close()
+            raise
         self.session = uuid.uuid4().hex  # one page, one session, as a browser tab keeps it
 
     def explain(self) -> None:
@@ -266,19 +270,22 @@ class _ExplainClient:
         joined = self.http.post(f"{self.api}/queue/join", json={"data": [payload, *self.inputs],
                                                                 "fn_index": self.fn_index, "session_hash": self.session})
         event = joined.raise_for_status().json()["event_id"]
+        result = None
         with self.http.stream("GET", f"{self.api}/queue/data", params={"session_hash": self.session}) as stream:
             stream.raise_for_status()
+            # read to the stream's end (the server's close_stream), as a page does: a client that
+            # hangs up first makes the server clean up the session's events, the next call's too
             for line in stream.iter_lines():
                 message = json.loads(line[5:]) if line.startswith("data:") else {}
                 if message.get("msg") in ("unexpected_error", "server_stopped"):
                     raise RuntimeError(f"the server ended the call ({message['msg']}): {message.get('message')}")
                 if message.get("msg") == "process_completed" and message.get("event_id") == event:
-                    break
-            else:
-                raise RuntimeError("the event stream ended before the result")
-        if not message.get("success"):
-            raise RuntimeError(f"the app answered with an error: {message.get('output')}")
-        for value in message["output"]["data"]:  # files the page would fetch (data: URLs came inline)
+                    result = message
+        if result is None:
+            raise RuntimeError("the event stream ended before the result")
+        if not result.get("success"):
+            raise RuntimeError(f"the app answered with an error: {result.get('output')}")
+        for value in result["output"]["data"]:  # files the page would fetch (data: URLs came inline)
             if isinstance(value, dict) and str(value.get("url")).startswith(("http://", "https://")):
                 self.http.get(value["url"]).raise_for_status()
 
@@ -295,8 +302,10 @@ def bench_serve(url: str, image: Path, teacher: str, students: list[str], client
     from concurrent.futures import ThreadPoolExecutor
 
     inputs = [teacher, students, "gradcam", "each model's own prediction", 5, 0.5]
-    pool = [_ExplainClient(url, Path(image), inputs) for _ in range(clients)]
+    pool = []
     try:
+        for _ in range(clients):
+            pool.append(_ExplainClient(url, Path(image), inputs))
         pool[0].explain()  # warm-up: models loaded, code paths taken once
         results = []
         start_rss = _rss_bytes(pid) if pid else None

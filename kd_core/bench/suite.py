@@ -7,7 +7,7 @@ Every row is measured in the same run, on the same data (the recipes' CIFAR-10 c
   with the teacher run at every step, and the engine on a teacher bank; images per second, the
   ratio to the reference, and what an ``--epochs``-epoch run over the 50,000 training images costs
   each way, the bank's build (the recipe's number of views, or ``views``) included;
-- **the machine's peak**: float32 and bfloat16 matrix-multiply GFLOP/s on the threads in use, and
+- **the machine's peak**: float32 and bfloat16 dense-kernel GFLOP/s on the threads in use, and
   the fraction of it each training and inference row reaches (:mod:`.peak` says how work is
   counted); each row against the peak of the precision it computes in (the engine trains under
   bfloat16 autocast where the CPU has it; the reference loop and evaluation run in float32);
@@ -200,7 +200,8 @@ def run(checkpoints: Path = recipes.CHECKPOINTS, source: str = recipes.CIFAR10_J
             raise FileNotFoundError(f"the benchmark needs {checkpoints / (name + '.safetensors')} "
                                     f"(python -m kd_core {'train' if name in ('airnet', 'deepnn') else 'distill'} "
                                     f"--recipe {name})")
-    progress(f"matrix-multiply peak ({scale.matmul_size} x {scale.matmul_size}, {torch.get_num_threads()} threads)")
+    progress(f"dense-kernel peak ({scale.matmul_size} x {scale.matmul_size} product and a 3x3 convolution, "
+             f"{torch.get_num_threads()} threads)")
     peaks = peak.peaks(scale.matmul_size)
     progress(f"data: {source}")
     data = load_data(source, cache_dir)
@@ -239,13 +240,17 @@ def _number(value: float, digits: int = 0) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:,.{digits}f}"
 
 
+def _gflops(value: float) -> str:
+    return _number(value, 1 if value < 10 else 0)  # a CPU without native bfloat16 reaches a few
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a :func:`run` report."""
     peaks = report["peak_gflops"]
     lines = [f"{report['cpu']}, {report['threads']} threads, torch {report['torch']}"
              f"{' (quick: few steps, rough figures)' if report['quick'] else ''}",
-             f"matrix-multiply peak: float32 {_number(peaks['float32'])} GFLOP/s, "
-             f"bfloat16 {_number(peaks['bfloat16'])} GFLOP/s", "",
+             f"dense-kernel peak: float32 {_gflops(peaks['float32'])} GFLOP/s, "
+             f"bfloat16 {_gflops(peaks['bfloat16'])} GFLOP/s", "",
              f"| pair | way | images/s | vs reference | {report['epochs']}-epoch run (min) | GFLOP/s | of peak |",
              "|---|---|---|---|---|---|---|"]
     for row in report["training"]:

@@ -59,9 +59,11 @@ def compute_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gra
         return _gradcam(model, input_tensor, [1.0], target)
     targets = None if target is None else [ClassifierOutputTarget(target)]
     # The package hooks the target layer (recording every pass through it, any thread's) and calls
-    # eval() and zero_grad(): it gets a private copy, so the caller's model is never touched and
-    # other threads keep using it (airnet: about 15 ms to copy, against 1-3 s for Score-CAM).
-    private = copy.deepcopy(model)
+    # eval() and zero_grad(): it gets a private copy of the modules, so the caller's model is never
+    # touched and other threads keep using it. Frozen tensors (the cache's models) are shared, not
+    # copied: nothing writes to them, and a ResNet-50's weights are 100 MB a call.
+    frozen = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers()) if not tensor.requires_grad}
+    private = copy.deepcopy(model, frozen)
     with _cam(method, SingleView(private)) as cam:
         if cam.uses_gradients:
             # The gradient flows from the input, so the target layer gets one even though the
@@ -79,7 +81,7 @@ def predict_with_gradcam(model: Classifier, input_tensor: torch.Tensor,
     """What ``model(input_tensor)`` predicts ``(K,)`` (test-time augmentation included) and the
     Grad-CAM of the image itself (as :func:`compute_cam` gives it) for ``target`` (None: that
     prediction's class), from one pass over every view: the map reuses the first view's features."""
-    if model.flip_tta and not model.training:
+    if model.flip_tta:
         return _gradcam(model, *tta_views(input_tensor, model.translate_tta), target)
     return _gradcam(model, input_tensor, [1.0], target)
 
@@ -98,11 +100,11 @@ def _gradcam(model: nn.Module, views: torch.Tensor, weights: list[float],
     with torch.no_grad():
         features = model.forward_features(views)                                 # (V, C, h, w)
     features = features.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad():  # also under a caller's no_grad()
         per_view = model.forward_head(features)                                  # (V, K)
-    logits = view_mean(per_view.detach(), weights)[0]
-    chosen = int(logits.argmax()) if target is None else target
-    (gradient,) = torch.autograd.grad(per_view[0, chosen], features)
+        logits = view_mean(per_view.detach(), weights)[0]
+        chosen = int(logits.argmax()) if target is None else target
+        (gradient,) = torch.autograd.grad(per_view[0, chosen], features)
     channel_weights = gradient[:1].mean(dim=(2, 3), keepdim=True)                # (1, C, 1, 1)
     cam = torch.relu((channel_weights * features[:1].detach()).sum(dim=1)).numpy()  # (1, h, w)
     size = (views.shape[-1], views.shape[-2])                                    # (width, height)

@@ -6,7 +6,10 @@ hook-based tools (the grad-cam package) see exactly the tensor that feature matc
 losses read. A model whose features are not a spatial map (a ViT's tokens) has no CAM
 (``cam_layer = None``: the dashboard shows input-gradient saliency). Where the head is global
 average pooling then one linear layer (ResNets, EfficientNets; checked numerically when the model
-is built), the original CAM is exact and cheap; other heads go through Grad-CAM.
+is built), the original CAM is exact and cheap; other heads go through Grad-CAM. Models whose
+feature maps come channels-last (``output_fmt == "NHWC"``: Swin) are permuted to channels-first
+at the ``features`` point and back before their head, so that CAMs and feature terms read channels
+where every other model has them.
 
 ImageNet models downsample 32 times, so a 32x32 image leaves a 1x1 map: pass ``output_stride=8``
 (timm's dilated variant, where the model has one) for 4x4 maps on CIFAR-sized inputs. Parameters
@@ -67,6 +70,7 @@ class TimmClassifier(Classifier):
         self.timm_name = name
         self.model = _create(name, pretrained, num_classes=num_classes, in_chans=in_channels, **timm_args)
         self.features = nn.Identity()  # the hook point: its output is forward_features' result
+        self._nhwc = False  # timm's feature map is (B, H, W, C): permuted to (B, C, H, W) at the hook point
         self._linear_head = False
         self._probe(in_channels, input_size)
 
@@ -87,12 +91,20 @@ class TimmClassifier(Classifier):
         if features.ndim != 4:
             self.cam_layer = None
             return
+        channels = getattr(self.model, "num_features", None)
+        self._nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC" or (
+            channels is not None and features.shape[1] != channels and features.shape[-1] == channels)
+        if self._nhwc:
+            features = features.permute(0, 3, 1, 2)
+        if channels is not None and features.shape[1] != channels:  # a layout we cannot read as a map
+            self.cam_layer = None
+            return
         classifier = self.model.get_classifier()
         if isinstance(classifier, nn.Linear) and classifier.in_features == features.shape[1]:
             probe = torch.randn(2, *features.shape[1:], generator=torch.Generator().manual_seed(0))
             self.model.eval()
             try:
-                head = self.model.forward_head(probe)
+                head = self.forward_head(probe)
             finally:
                 self.model.train(was_training)
             pooled = probe.mean(dim=(2, 3)) @ classifier.weight.T
@@ -101,10 +113,11 @@ class TimmClassifier(Classifier):
             self._linear_head = head.shape == pooled.shape and torch.allclose(head, pooled, atol=1e-4, rtol=1e-4)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.model.forward_features(x))
+        features = self.model.forward_features(x)
+        return self.features(features.permute(0, 3, 1, 2) if self._nhwc else features)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(features)
+        return self.model.forward_head(features.permute(0, 2, 3, 1) if self._nhwc else features)
 
     def linear_cam_weight(self) -> torch.Tensor | None:
         return self.model.get_classifier().weight if self._linear_head else None

@@ -21,7 +21,7 @@ from ..data.mixing import MixedLabels
 from ..evaluation import predict
 from ..losses import ModelOutput, StepOutputs, build_objective
 from ..models import Classifier
-from ..runtime import autocast_dtype, resolve_device, seed_everything
+from ..runtime import autocast_dtype, channels_last_safe, resolve_device, seed_everything
 from .callbacks import Callback, EpochInfo, StepInfo
 from .config import TrainConfig, changed_settings
 from .schedule import lr_factor
@@ -74,7 +74,8 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.device = distributed.process_device(resolve_device(config.device))
         self.amp_dtype = autocast_dtype(self.device, config.amp)
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.channels_last = config.channels_last and channels_last_safe(model, teacher)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         seed_everything(config.seed)
         self.data = data
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -85,7 +86,7 @@ class Trainer:
         drop_last = len(self.train_split) >= 2 * config.batch_size
         self.train_loader = BatchLoader(self.train_split, config.batch_size, data.mean, data.std, shuffle=True,
                                         augment=config.augment, drop_last=drop_last, device=self.device,
-                                        seed=config.seed, channels_last=config.channels_last,
+                                        seed=config.seed, channels_last=self.channels_last,
                                         rank=self.rank, world_size=self.world_size)
         self.targets = targets if targets is not None else teacher_targets(
             self.teacher, config, self.objective.needs_teacher, bank_dir)

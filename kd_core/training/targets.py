@@ -68,7 +68,7 @@ class BankedTeacher(LiveTeacher):
         def build():
             return build_bank(self.teacher, trainer.train_split, trainer.data.mean, trainer.data.std, config.augment,
                               config.teacher_views, cam_target, seed=config.seed, features=features,
-                              device=trainer.device, channels_last=config.channels_last, autocast=trainer.autocast,
+                              device=trainer.device, channels_last=trainer.channels_last, autocast=trainer.autocast,
                               progress=lambda done, total: trainer.emit("on_bank_progress", done, total),
                               should_stop=lambda: trainer.stop_requested)
 
@@ -83,7 +83,7 @@ class BankedTeacher(LiveTeacher):
         trainer.train_loader = BankLoader(trainer.train_split, bank, config.batch_size, trainer.data.mean,
                                           trainer.data.std, drop_last=trainer.train_loader.drop_last,
                                           device=trainer.device, seed=config.seed,
-                                          channels_last=config.channels_last, mirror=config.mirror_views,
+                                          channels_last=trainer.channels_last, mirror=config.mirror_views,
                                           rank=trainer.rank, world_size=trainer.world_size)
         return True
 

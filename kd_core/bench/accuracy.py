@@ -38,14 +38,13 @@ class _StopAt(Callback):
             trainer.request_stop()
 
 
-def engine_time_to_accuracy(recipe, data_source: str, checkpoints: Path, target: float, epochs: int,
-                            views: int | None = None, cache_dir: Path | None = None) -> dict:
+def engine_time_to_accuracy(recipe, data_source: str, checkpoints: Path, target: float, epochs: int, views: int,
+                            cache_dir: Path | None = None) -> dict:
     from .. import models
 
     data = load_data(data_source, cache_dir=cache_dir)
     teacher = load_checkpoint(checkpoints / f"{recipe.teacher}.safetensors")
-    config = replace(recipe.config, epochs=epochs, eval_every=1, validation=0,
-                     teacher_views=recipe.config.teacher_views if views is None else views)
+    config = replace(recipe.config, epochs=epochs, eval_every=1, validation=0, teacher_views=views)
     torch.manual_seed(config.seed)
     student = models.create(recipe.arch, **models.arch_args_for(recipe.arch, len(data.classes), data.input_shape,
                                                                  **recipe.arch_args))

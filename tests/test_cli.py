@@ -278,3 +278,22 @@ def test_settings_without_a_flag_are_set_by_name(switch, value):
             "arch_args": {"num_classes": 10, "in_channels": 3, **json.loads(json.dumps(recipes.get("airnet-micro-kd").arch_args))}}
     expected = "" if getattr(recipes.get("airnet-micro-kd").config, switch) == value else f" --set {switch}={text}"
     assert reproduce_command(meta) == "python -m kd_core distill --recipe airnet-micro-kd" + expected
+
+
+def test_distilling_for_a_validation_score_refuses_a_teacher_that_saw_the_held_out_images(capsys):
+    from kd_core.run import HeldOutLeak, check_held_out
+
+    source = "folder:data"
+    saw_all = {"data": {"source": source}, "config": {"validation": 0}}
+    with pytest.raises(HeldOutLeak, match="teacher t was trained on all of its training images, including the "
+                                          "5,000 this run holds out"):
+        check_held_out(saw_all, "t", source, 5000)
+    with pytest.raises(HeldOutLeak, match="with 1,000 other images held out"):  # another split overlaps this one
+        check_held_out({"data": {"source": source}, "config": {"validation": 1000}}, "t", source, 5000)
+    with pytest.raises(HeldOutLeak):  # saved before the setting existed: trained on everything
+        check_held_out({"data": {"source": source}, "config": {}}, "t", source, 5000)
+    check_held_out({"data": {"source": source}, "config": {"validation": 5000}}, "t", source, 5000)  # same split
+    check_held_out(saw_all, "t", source, 0)  # scored on the test split: nothing held out
+    assert capsys.readouterr().err == ""
+    check_held_out({"data": {"source": "cifar10"}}, "imported", source, 5000)  # other data: cannot tell, says so
+    assert "teacher imported was trained on cifar10, not folder:data" in capsys.readouterr().err

@@ -114,6 +114,32 @@ def test_other_classes_and_channels(name):
     assert logits.shape == (2, 7)
 
 
+@pytest.mark.parametrize("name", ["deepnn", "lightnn", "tiny_titans_cnn"])
+def test_pooling_before_relu_is_the_source_nets_function_and_gradient(name):
+    """The source nets apply ReLU, then max pooling; the zoo pools first (a quarter of the ReLU's work)."""
+    torch.manual_seed(0)
+    ours = models.create(name).train()
+    layers = list(ours.features)
+    source = list(layers)
+    for i, layer in enumerate(layers[:-1]):  # swap every (MaxPool2d, ReLU) pair back to (ReLU, MaxPool2d)
+        if isinstance(layer, torch.nn.MaxPool2d) and isinstance(layers[i + 1], torch.nn.ReLU):
+            source[i], source[i + 1] = layers[i + 1], layer
+    assert source != layers
+    images = torch.randn(8, 3, 32, 32)
+    outputs = []
+    for order in (layers, source):
+        ours.zero_grad()
+        torch.manual_seed(1)  # the same dropout draw
+        features = torch.nn.Sequential(*order)(images)
+        ours.forward_head(features).square().sum().backward()
+        outputs.append((features.detach(), [p.grad.clone() for p in ours.parameters()]))
+    (ours_features, ours_grads), (source_features, source_grads) = outputs
+    assert torch.equal(ours_features, source_features)
+    for mine, theirs in zip(ours_grads, source_grads):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    assert [name for name, _ in ours.named_parameters()][:2] == ["features.0.weight", "features.0.bias"]
+
+
 def test_unknown_model_lists_the_choices():
     with pytest.raises(KeyError, match="unknown model 'resnet21'; choose one of: .*resnet20"):
         models.create("resnet21")

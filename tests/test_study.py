@@ -146,6 +146,7 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     assert reused["KD"]["checkpoint"] == "camnet-kd-cam-kd-s0.safetensors"
     assert reused["KD + CAM"]["checkpoint"] == "camnet-kd-cam-kd-cam-s0.safetensors"
     assert reused["KD"]["top1"] == original["KD"]["top1"]
+    assert reused["KD"]["cam_correlation"] == pytest.approx(original["KD"]["cam_correlation"], abs=1e-6)  # measured
     assert sorted(p.name for p in (tmp_path / "reused").glob("*.safetensors")) == sorted(
         f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "cam", "kd-feature"])
     assert main([*again[:-1], str(tmp_path / "absent.safetensors")]) == 2
@@ -215,12 +216,20 @@ def test_gain_study_scores_the_recipe_and_its_ce_twin_on_a_validation_split(caps
     write_image_folder(tmp_path / "data", ["cat", "dog", "frog"], {"train": 16, "test": 6}, size=32)
     data = f"folder:{tmp_path / 'data'}"
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    assert main(["train", "--model", "lightnn", "--data", data, "--epochs", "1", "--limit", "24",
-                 "--output", str(tmp_path / "teacher.safetensors"), *cache]) == 0
-    capsys.readouterr()
-    study = ["study", "gain", "--recipe", "lightnn-kd", "--teacher", str(tmp_path / "teacher.safetensors"),
+    teacher = ["train", "--model", "lightnn", "--data", data, "--epochs", "1", "--limit", "24", *cache]
+    assert main([*teacher, "--output", str(tmp_path / "seen-all.safetensors")]) == 0
+    # the teacher must not have trained on the held-out images: this one did, so nothing runs
+    study = ["study", "gain", "--recipe", "lightnn-kd", "--teacher", str(tmp_path / "seen-all.safetensors"),
              "--data", data, "--epochs", "1", "--validation", "9", "--seeds", "0", "1",
              "--output", str(tmp_path / "gain"), *cache]
+    capsys.readouterr()
+    assert main(study) == 2
+    assert "teacher seen-all was trained on all of its training images, including the 9 this run holds out" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "gain" / "results.json").exists()
+    assert main([*teacher, "--validation", "9", "--fresh", "--output", str(tmp_path / "teacher.safetensors")]) == 0
+    capsys.readouterr()
+    study[study.index("--teacher") + 1] = str(tmp_path / "teacher.safetensors")
     assert main(study) == 0
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "gain" / "results.json").read_text())
@@ -246,7 +255,7 @@ def test_gain_study_scores_the_recipe_and_its_ce_twin_on_a_validation_split(caps
 
 def test_a_gain_studys_twin_can_take_the_best_cross_entropy_settings(capsys):
     config = recipes.get("lightnn-kd").config
-    twin, kd = variants_for("gain", config, twin_overrides={"lr": 0.05, "teacher_views": 0})
+    twin, kd = variants_for("gain", config, twin_overrides={"lr": 0.05, "teacher_views": 0, "mirror_views": False})
     assert (twin.label, twin.config.lr, twin.config.teacher_views, twin.config.loss_weights) == \
         ("CE twin", 0.05, 0, {"ce": 1.0})
     assert kd.config == config  # the distilled run is the recipe itself

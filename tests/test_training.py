@@ -189,6 +189,33 @@ def test_ema_follows_its_formula(tiny_bundle):
         assert torch.equal(ema_buffer, buffer)  # BatchNorm statistics are copied, not averaged
 
 
+class GradientNorms(Callback):
+    """Each step's global gradient norm (still in place after the step) and the weights after step 1."""
+
+    def __init__(self):
+        self.norms, self.after_first = [], None
+
+    def on_step_end(self, trainer, info):
+        self.norms.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm().item())
+        if self.after_first is None:
+            self.after_first = [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_gradient_clipping_caps_each_steps_norm_and_keeps_its_direction(tiny_bundle):
+    plain = dict(epochs=1, momentum=0.0, weight_decay=0.0, warmup_epochs=0)
+    free, clipped = GradientNorms(), GradientNorms()
+    start = [p.detach().clone() for p in student().parameters()]
+    Trainer(student(), tiny_bundle, config(**plain), callbacks=[free]).fit()
+    cap = 0.01 * min(free.norms)
+    Trainer(student(), tiny_bundle, config(**plain, clip_grad_norm=cap), callbacks=[clipped]).fit()
+    assert len(clipped.norms) == len(free.norms) > 1
+    assert clipped.norms == pytest.approx([cap] * len(free.norms), rel=1e-4)  # every step was over the cap
+    # step 1 (same weights, same batch): plain SGD moved the weights along the same gradient, scaled to the cap
+    scale = cap / free.norms[0]
+    for before, unclipped, capped in zip(start, free.after_first, clipped.after_first):
+        assert torch.allclose(before - capped, (before - unclipped) * scale, atol=1e-7)
+
+
 class TeacherWatch(Callback):
     def __init__(self):
         self.seen = []
@@ -266,6 +293,7 @@ def test_unknown_schedule():
     ("schedule", "step", "schedule must be one of"),
     ("warmup_epochs", 5.0, "warm-up must be within 0..epochs"),
     ("ema_decay", 1.0, "EMA decay must be in"),
+    ("clip_grad_norm", -1.0, "gradient clipping norm must not be negative"),
     ("loss_weights", {"ce": 1.0, "kd": -1.0}, "loss weights must not be negative"),
     ("loss_weights", {"ce": 0.0}, "at least one loss weight must be positive"),
     ("augment", AugmentConfig(cutout=-1), "augmentation strengths must not be negative"),

@@ -9,7 +9,7 @@ it, explain latency, every shipped checkpoint's evaluation throughput and batch-
 from a full run. ``--time-to-accuracy PCT`` then also distils deepnn -> lightnn both ways until the
 test accuracy reaches PCT, teacher bank included (:mod:`.accuracy`): the engine over an
 ``--epochs``-epoch schedule, the reference loop for at most ``--max-epochs`` (default the same).
-``--views`` sets the engine's bank size in both (default: each recipe's own, 8, made for 40 epochs
+``--views`` sets the engine's bank size in both (default: each recipe's own, 8 or 16, made for 40 epochs
 and more; a short run pays less for fewer).
 
     python -m kd_core benchmark {distill,explain,serve,models,scaling} ...

@@ -214,7 +214,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     Under torchrun every process calls this and trains each run's share; the first process alone
     writes the results and measures CAM agreement (the others return an empty string)."""
     from .. import distributed
-    from ..run import run
+    from ..run import check_held_out, run
 
     main_process = distributed.is_main()
 
@@ -232,6 +232,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     folder.mkdir(parents=True, exist_ok=True)
     results_path = folder / "results.json"
     rows = load_results(results_path)
+    if needs_teacher:  # before any run trains: a teacher that saw the held-out images biases the KD runs
+        check_held_out(read_metadata(Path(teacher)), Path(teacher).stem, data, config.validation)
     teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}"
@@ -274,8 +276,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if found:
                 path, meta = found
                 split = meta["metrics"].get("evaluated_on", "test")
+                cam = (_teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
+                       if teacher and main_process else None)  # measured as for a run trained here
                 rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
-                                 path, run_teacher, split))
+                                 path, run_teacher, split, cam))
                 if main_process:
                     save_results(results_path, rows)
                 write_summary()

@@ -1,5 +1,10 @@
 """The small models of the source projects: CAM-Net, the PyTorch KD tutorial's DeepNN and
-LightNN, an MLP student, and the "tiny titans" CNN."""
+LightNN, an MLP student, and the "tiny titans" CNN.
+
+Where a source net applies ReLU and then 2x2 max pooling, these pool first: ReLU is monotonic, so
+``relu(maxpool(x)) == maxpool(relu(x))`` and so are the gradients, but the ReLU and its backward
+pass touch a quarter of the values. Neither layer has parameters, so the weights' names are the
+source nets' own."""
 from __future__ import annotations
 
 from torch import nn
@@ -40,11 +45,11 @@ class DeepNN(Classifier):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 128, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(128, 64, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
+            nn.Conv2d(128, 64, 3, padding=1),
+            nn.MaxPool2d(2), nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 32, H/4, W/4)
+            nn.Conv2d(64, 32, 3, padding=1),
+            nn.MaxPool2d(2), nn.ReLU(),  # (B, 32, H/4, W/4)
         )
         side = input_size // 4
         self.head = nn.Sequential(
@@ -59,8 +64,8 @@ class LightNN(Classifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, H/4, W/4)
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),  # (B, 16, H/4, W/4)
         )
         side = input_size // 4
         self.head = nn.Sequential(
@@ -95,8 +100,8 @@ class TinyTitansCNN(Classifier):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 128, H/4, W/4)
+            nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),  # (B, 128, H/4, W/4)
         )
         side = input_size // 4
         self.head = nn.Sequential(

@@ -29,6 +29,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     ema_decay: float = 0.0          # 0: off; else evaluate and save an EMA of the weights
+    clip_grad_norm: float = 0.0     # 0: off; else scale each step's gradients to at most this global L2 norm
     amp: bool = True                # bf16 autocast on CPUs that support it, fp16 on CUDA
     channels_last: bool = True
     seed: int = 0
@@ -66,6 +67,7 @@ class TrainConfig:
             (0 <= self.warmup_epochs <= self.epochs, f"warm-up must be within 0..epochs, got {self.warmup_epochs}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
+            (self.clip_grad_norm >= 0, f"gradient clipping norm must not be negative, got {self.clip_grad_norm}"),
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.eval_every >= 0, f"eval interval must not be negative, got {self.eval_every}"),
             (self.validation >= 0, f"validation must not be negative, got {self.validation}"),

@@ -214,7 +214,11 @@ class Trainer:
                                 "lower the learning rate or the loss weights")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
-        distributed.average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        distributed.average_gradients(parameters)
+        if self.config.clip_grad_norm > 0:  # on the averaged, unscaled gradients: the same in every process
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return losses, logits

@@ -16,7 +16,7 @@ from . import __version__, distributed, models
 from .checkpoint import (LoadedCheckpoint, check_weights_dtype, file_sha256, load_checkpoint, round_weights,
                          save_checkpoint, weights_sha256)
 from .data import DataBundle, load_data
-from .data.sources import default_cache_dir
+from .data.sources import DataError, default_cache_dir, parse_source
 from .evaluation import classification_report, predict
 from .profile import count_macs, count_parameters
 from .losses import needs_teacher
@@ -68,28 +68,49 @@ class HeldOutLeak(ValueError):
     """A run scored on images held out of train/ would learn from a teacher that trained on them."""
 
 
+def _same_source(a: str | None, b: str) -> bool:
+    """Whether two data-source strings name the same data (folder paths compared resolved)."""
+    if a is None:
+        return False
+    try:
+        (kind_a, path_a), (kind_b, path_b) = parse_source(a), parse_source(b)
+    except DataError:
+        return a == b
+    if path_a is None or path_b is None:
+        return (kind_a, path_a) == (kind_b, path_b)
+    return kind_a == kind_b and path_a.resolve() == path_b.resolve()
+
+
 def check_held_out(teacher_meta: dict[str, Any], teacher_name: str, data: str, validation: int) -> None:
     """Refuse to distil from ``teacher_meta``'s model into a student scored on ``validation`` images
-    held out of ``data``'s training split when the teacher trained on those very images: its soft
-    labels then carry their answers, and KD's validation score is biased against a cross-entropy
-    run's (measured here: deepnn -> lightnn scored 1.3 points higher on validation than on the test
-    split, relative to its twin; docs/experiments.md). The held-out split is fixed by its size, so a
-    teacher trained with the same ``--validation N`` on the same data never saw it."""
+    held out of ``data``'s training split unless the teacher was trained with that same split held
+    out: a teacher that trained on those images carries their answers in its soft labels, and KD's
+    validation score is biased upward relative to a cross-entropy run's (measured here: deepnn ->
+    lightnn scored 1.3 points higher on validation than on the test split, relative to its twin;
+    docs/experiments.md). The split is fixed by its size, so the same ``--validation N`` on the same
+    data is the same split. What a teacher's own teacher saw is not recorded and not checked."""
     if not validation:
         return
     source = teacher_meta.get("data", {}).get("source")
-    held_out = (teacher_meta.get("config") or {}).get("validation") or 0
-    if source == data and held_out == validation:
+    config = teacher_meta.get("config")
+    held_out = (config or {}).get("validation") or 0
+    if not _same_source(source, data):
+        if distributed.is_main():
+            print(f"note: teacher {teacher_name} was trained on {source or 'data it does not record'}, not {data}; "
+                  f"if those images include the {validation:,} held out here, KD's validation score is biased "
+                  "upward", file=sys.stderr)
         return
-    if source != data:
-        print(f"note: teacher {teacher_name} was trained on {source or 'data it does not record'}, not {data}; "
-              f"if those images include the {validation:,} held out here, KD's validation score is biased upward",
-              file=sys.stderr)
+    if held_out == validation:
         return
-    trained = f"with {held_out:,} other images held out" if held_out else "on all of its training images"
+    if config is None or teacher_meta.get("method") == "imported":
+        trained = "records no held-out split (imported, or trained before --validation existed)"
+    elif held_out:
+        trained = f"was trained with --validation {held_out}, another split than this run's"
+    else:
+        trained = "was trained on all of its training images"
     raise HeldOutLeak(
-        f"teacher {teacher_name} was trained {trained}, including the {validation:,} this run holds out for "
-        f"validation: its soft labels carry their answers, so a distilled student's validation score is biased "
+        f"teacher {teacher_name} {trained}, so it may have trained on the {validation:,} images this run holds out "
+        "for validation: its soft labels would carry their answers and bias a distilled student's validation score "
         f"upward. Distil from a teacher trained with --validation {validation} on the same data, or score on the "
         "test split (no --validation)")
 

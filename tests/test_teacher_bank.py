@@ -269,7 +269,17 @@ def test_a_mirroring_loader_shows_both_orientations_of_every_view_with_its_targe
     assert trainer.train_loader.mirror
 
 
-def test_mirrored_views_need_a_bank():
-    with pytest.raises(ValueError, match="mirrored views need a teacher bank"):
-        TrainConfig(mirror_views=True).validate()
-    TrainConfig(mirror_views=True, teacher_views=2).validate()
+def test_mirrored_views_without_a_bank_change_nothing(tmp_path):
+    """A recipe with mirrored views run with the live teacher (teacher views 0) trains exactly as
+    without them: fresh draws already flip."""
+    data = synthetic_bundle(train_size=32)
+    runs = []
+    for mirror in (False, True):
+        settings = TrainConfig(epochs=1, batch_size=16, augment=AUGMENT, teacher_views=0, mirror_views=mirror,
+                               loss_weights={"ce": 0.5, "kd": 0.5})
+        trainer = Trainer(student(), data, settings, teacher=teacher(), bank_dir=tmp_path)
+        trainer.fit()
+        runs.append([p.detach().clone() for p in trainer.model.parameters()])
+        assert not isinstance(trainer.train_loader, BankLoader)
+    for plain, mirrored in zip(*runs):
+        assert torch.equal(plain, mirrored)

@@ -76,8 +76,9 @@ def _test_top1(model, root: Path, mean, std, batch_size: int, workers: int) -> f
 def reference_time_to_accuracy(teacher, student, root: Path, mean, std, weights: dict[str, float],
                                temperature: float, lr: float, target: float, max_epochs: int,
                                batch_size: int = BATCH_SIZE, workers: int = WORKERS, seed: int = 0,
-                               log: Callable[[str], None] = lambda line: None) -> dict:
-    """The usual loop, an epoch at a time, scored on the test split after each, until ``target``."""
+                               clip_grad_norm: float = 0.0, log: Callable[[str], None] = lambda line: None) -> dict:
+    """The usual loop, an epoch at a time, scored on the test split after each, until ``target``;
+    with the recipe's gradient clipping (``clip_grad_norm``, 0: none)."""
     torch.manual_seed(seed)
     started = time.perf_counter()
     loader = _loader(root, mean, std, batch_size, workers, seed)
@@ -98,6 +99,8 @@ def reference_time_to_accuracy(teacher, student, root: Path, mean, std, weights:
                                      student if uses_cam else None, student_features,
                                      teacher if uses_cam else None, teacher_features)
             loss.backward()
+            if clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad_norm)
             optimizer.step()
         top1 = _test_top1(student, root, mean, std, 256, workers)
         log(f"reference loop epoch {epoch + 1}: test top-1 {top1:.2f}%")
@@ -133,7 +136,7 @@ def time_to_accuracy(pair: str, data_source: str, checkpoints: Path, target: flo
     log(f"reference loop to {target:g}% (at most {max_epochs} epochs)")
     reference = reference_time_to_accuracy(teacher.model, student, root, teacher.mean, teacher.std,
                                            config.loss_weights, config.temperature, config.lr, target, max_epochs,
-                                           log=log)
+                                           clip_grad_norm=config.clip_grad_norm, log=log)
     views = config.teacher_views if views is None else views
     log(f"engine to {target:g}% (recipe {pair} over {epochs} epochs, a {views}-view teacher bank built afresh)")
     engine = engine_time_to_accuracy(recipe, data_source, checkpoints, target, epochs, views, cache_dir)

@@ -84,9 +84,10 @@ def distillation_loss(student_logits, teacher_logits, labels, weights: dict[str,
 
 def reference_distill(teacher, student, root: Path, mean, std, weights: dict[str, float], temperature: float = 4.0,
                       lr: float = 0.05, steps: int = 20, warmup: int = 3, batch_size: int = BATCH_SIZE,
-                      workers: int = WORKERS, seed: int = 0) -> dict[str, float]:
+                      workers: int = WORKERS, seed: int = 0, clip_grad_norm: float = 0.0) -> dict[str, float]:
     """Images per second of the usual loop over ``steps`` steps after ``warmup`` (the loader's
-    start-up and the first batches are not timed; its decoding and transforms are)."""
+    start-up and the first batches are not timed; its decoding and transforms are).
+    ``clip_grad_norm``: the recipe's gradient clipping (0: none), as the engine applies it."""
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be at least 1 and warm-up not negative")
     torch.manual_seed(seed)
@@ -113,6 +114,8 @@ def reference_distill(teacher, student, root: Path, mean, std, weights: dict[str
                                  student if uses_cam else None, student_features,
                                  teacher if uses_cam else None, teacher_features)
         loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad_norm)
         optimizer.step()
     elapsed = time.perf_counter() - started
     return {"images_per_second": steps * batch_size / elapsed, "step_seconds": elapsed / steps,

@@ -94,7 +94,7 @@ def training_rows(pair: str, data: DataBundle, root: Path, checkpoints: Path, sc
 
     reference = reference_distill(teacher.model, _student(recipe, teacher), root, teacher.mean, teacher.std,
                                   config.loss_weights, config.temperature, lr=config.lr, steps=scale.steps,
-                                  warmup=scale.warmup)
+                                  warmup=scale.warmup, clip_grad_norm=config.clip_grad_norm)
     count = config.batch_size * (scale.steps + scale.warmup)
     subset = data.train.subset(count, seed=0)
     small = DataBundle(data.source, subset, Split(data.test.images[:config.batch_size], data.test.labels[:config.batch_size]),

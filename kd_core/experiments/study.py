@@ -229,11 +229,11 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     needs_teacher = any(set(v.config.loss_weights) - {"ce"} for v in variants)
     if needs_teacher and (teacher is None or not Path(teacher).exists()):
         raise FileNotFoundError(f"the study distils, so it needs a teacher checkpoint; {teacher} does not exist")
+    if needs_teacher:  # before any run trains: a teacher that saw the held-out images biases the KD runs
+        check_held_out(read_metadata(Path(teacher)), Path(teacher).stem, data, config.validation)
     folder.mkdir(parents=True, exist_ok=True)
     results_path = folder / "results.json"
     rows = load_results(results_path)
-    if needs_teacher:  # before any run trains: a teacher that saw the held-out images biases the KD runs
-        check_held_out(read_metadata(Path(teacher)), Path(teacher).stem, data, config.validation)
     teacher_sha256 = _teacher_weights(Path(teacher)) if needs_teacher else None
     title = (f"{kind} study of recipe {recipe.name} ({recipe.arch}, {config.epochs} epochs"
              + (f", teacher {Path(teacher).stem}" if needs_teacher else "") + f"), data {data}"

@@ -52,6 +52,7 @@ class TrainConfig:
     # and train on those views (see kd_core.training.teacher_bank)
     teacher_views: int = 0
     mirror_views: bool = False      # also train on each banked view's mirror image, with that view's targets
+                                    # (nothing without a bank: fresh draws already flip)
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first impossible value."""
@@ -72,7 +73,6 @@ class TrainConfig:
             (self.eval_every >= 0, f"eval interval must not be negative, got {self.eval_every}"),
             (self.validation >= 0, f"validation must not be negative, got {self.validation}"),
             (self.teacher_views >= 0, f"teacher views must not be negative, got {self.teacher_views}"),
-            (not self.mirror_views or self.teacher_views > 0, "mirrored views need a teacher bank (teacher views > 0)"),
             (self.temperature > 0, f"temperature T must be positive, got {self.temperature}"),
             (self.cam_target in ("teacher", "label"), f"CAM target must be teacher or label, got {self.cam_target!r}"),
             (self.cam_distance in ("l1", "mse"), f"CAM distance must be l1 or mse, got {self.cam_distance!r}"),

@@ -101,7 +101,7 @@ def training_rows(pair: str, data: DataBundle, root: Path, checkpoints: Path, sc
                        data.classes, tuple(teacher.mean), tuple(teacher.std))
     common = dict(epochs=1, eval_every=0, limit=None, validation=0, device="cpu", ema_decay=0.0)
     live = time_training(teacher.model, _student(recipe, teacher), small,
-                         replace(config, **common, teacher_views=0, mirror_views=False), scale.warmup)
+                         replace(config, **common, teacher_views=0), scale.warmup)
     banked = time_training(teacher.model, _student(recipe, teacher), small,
                            replace(config, **common, teacher_views=scale.bank_views), scale.warmup)
 

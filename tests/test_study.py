@@ -67,11 +67,12 @@ def test_summary_mean_and_sample_std():
 
 
 def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_default():
-    """Settings added to TrainConfig later (cam_distance, say) are missing from older checkpoints
+    """Settings added to TrainConfig later (cam_distance, augment.mix, say) are missing from older checkpoints
     and results rows: those ran with the default, so a run of the recipe still matches them."""
     recipe = recipes.get("airnet-micro-kd")
     config = json.loads(json.dumps(recipe.config.to_dict()))
     older = {key: value for key, value in config.items() if key != "cam_distance"}
+    older["augment"] = {key: value for key, value in config["augment"].items() if key not in ("mix", "mix_alpha")}
     meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, **json.loads(json.dumps(recipe.arch_args))},
             "data": {"source": recipe.data}, "config": older,
             "teacher": {"file": "airnet.safetensors", "weights_sha256": "w"}}
@@ -80,6 +81,8 @@ def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_defau
     assert matching_checkpoint([(Path("old"), meta)], recipe, {**config, "cam_distance": "mse"}, recipe.data,
                                teacher, "w") is None
     assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "other weights") is None
+    mixed = {**config, "augment": {**config["augment"], "mix": "mixup"}}  # an augmentation setting, as above
+    assert matching_checkpoint([(Path("old"), meta)], recipe, mixed, recipe.data, teacher, "w") is None
 
 
 def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):

@@ -116,7 +116,11 @@ def complete_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     newer than the save read as its default: what that run trained with. Settings since removed
     (they held their no-op defaults in every saved run: docs/experiments.md) are dropped."""
     defaults = TrainConfig().to_json()
-    return {**defaults, **{name: value for name, value in saved.items() if name in defaults}}
+    completed = {**defaults, **{name: value for name, value in saved.items() if name in defaults}}
+    augment = completed["augment"] if isinstance(completed["augment"], Mapping) else {}
+    completed["augment"] = {**defaults["augment"],
+                            **{name: value for name, value in augment.items() if name in defaults["augment"]}}
+    return completed
 
 
 # -- overriding single settings ----------------------------------------------------------------------

@@ -83,6 +83,21 @@ def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_defau
     assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, teacher, "other weights") is None
     mixed = {**config, "augment": {**config["augment"], "mix": "mixup"}}  # an augmentation setting, as above
     assert matching_checkpoint([(Path("old"), meta)], recipe, mixed, recipe.data, teacher, "w") is None
+    # where a run computes is not a setting of what it computes: a CUDA study reuses a run made with "auto"
+    assert matching_checkpoint([(Path("old"), meta)], recipe, {**config, "device": "cuda"}, recipe.data,
+                               teacher, "w") == (Path("old"), meta)
+
+
+def test_a_study_folder_resumes_on_another_device(tmp_path):
+    """A finished row recorded with device auto is the same run for a study given --device cpu."""
+    recipe = recipes.get("lightnn-ce")
+    row = {"variant": "recipe", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0, "top1": 70.0,
+           "split": "test", "train_seconds": 60.0, "checkpoint": "x.safetensors",
+           "config": recipe.config.to_json(), "teacher_sha256": None, "cam_correlation": None}
+    (tmp_path / "results.json").write_text(json.dumps([row]))
+    summary = run_study("seeds", recipe, replace(recipe.config, device="cpu"), tmp_path, [0], None, recipe.data,
+                        log=lambda line: None)
+    assert "| recipe | 1·ce | - | 0 | **70.00** |" in summary
 
 
 def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):

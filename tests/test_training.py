@@ -306,3 +306,5 @@ def test_config_rejects_impossible_values(field, value, message):
 def test_config_round_trips_through_a_dict():
     original = config(loss_weights={"ce": 0.5, "kd": 0.5}, augment=AugmentConfig(cutout=8, flip=False))
     assert TrainConfig.from_dict({**original.to_dict(), "unknown_future_key": 1}) == original
+    saved = original.to_dict()  # settings since removed, at the top level and among the augmentation's
+    assert TrainConfig.from_dict({**saved, "augment": {**saved["augment"], "removed_setting": 0}}) == original

@@ -189,7 +189,8 @@ def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe,
     wanted = (recipe.arch, json.loads(json.dumps(recipe.arch_args)))
     for path, meta in candidates:
         recorded = meta.get("teacher") or {}
-        if (trained_architecture(meta) == wanted and meta["data"]["source"] == data and saved_config(meta) == config
+        if (trained_architecture(meta) == wanted and meta["data"]["source"] == data
+                and not changed_settings(saved_config(meta), config)  # where it ran (device) is no setting
                 and recorded.get("file") == (Path(teacher).name if teacher else None)
                 and (teacher_sha256 is None or recorded.get("weights_sha256") == teacher_sha256)):
             return path, meta
@@ -263,7 +264,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             run_teacher = teacher_sha256 if distils else None
             wanted = run_config.to_json()
             done = [row for row in rows if row["variant"] == variant.label and row["seed"] == seed]
-            if done and saved_config(done[0]) != wanted:
+            if done and changed_settings(saved_config(done[0]), wanted):
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) with other settings; "
                                  "give the study another --output folder")
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:

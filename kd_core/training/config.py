@@ -107,7 +107,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in values.items() if key in known}
         if isinstance(values.get("augment"), dict):
-            values["augment"] = AugmentConfig(**values["augment"])
+            values["augment"] = AugmentConfig(**{key: value for key, value in values["augment"].items()
+                                                 if key in AugmentConfig.__dataclass_fields__})
         return cls(**values)
 
 

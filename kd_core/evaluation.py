@@ -29,6 +29,19 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
     return torch.cat(outputs)
 
 
+def single_view_top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+                     std: Sequence[float], device: torch.device | str = "cpu") -> float | None:
+    """Top-1 (percent) of one pass per image, for a model that predicts with test-time augmentation
+    (several views: :meth:`~kd_core.models.base.Classifier.set_tta`); None for a model without it,
+    whose top-1 is already single-view."""
+    from .models.base import SingleView
+
+    if not getattr(model, "flip_tta", False):
+        return None
+    logits = predict(SingleView(model), images, mean, std, device=device)
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(K, K)`` counts; row = true class, column = predicted class."""
     flat = labels * num_classes + predictions

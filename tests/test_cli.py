@@ -164,6 +164,44 @@ def test_train_distill_evaluate(capsys, workdir, folder_data):
     assert re.search(r"^student\s+camnet\s+student", out, re.M) and re.search(r"^teacher\s+lightnn\s+teacher", out, re.M)
 
 
+def test_a_net_predicting_with_test_time_augmentation_also_reports_its_single_view_top1(capsys, workdir,
+                                                                                       folder_data):
+    """A net whose forward averages mirror and shifted views reports, beside that top-1, the top-1 of
+    one pass per image (run's final evaluation, evaluate, --record, list); a net without TTA does not."""
+    from kd_core import models
+    from kd_core.checkpoint import save_checkpoint
+    from kd_core.data import load_data
+    from kd_core.evaluation import predict
+    from kd_core.models.base import SingleView
+    from kd_core.run import evaluate_final
+
+    data = load_data(folder_data, cache_dir=workdir / "cache")
+    torch.manual_seed(3)
+    arch_args = {"num_classes": 3, "in_channels": 3, "widths": [8, 16, 16]}
+    model = models.create("airnet", **arch_args, flip_tta=True, translate_tta=True).eval()
+    one_pass = predict(SingleView(model), data.test.images, data.mean, data.std).argmax(1)
+    expected = 100.0 * (one_pass == data.test.labels).float().mean().item()
+    report = evaluate_final(model, data, torch.device("cpu"))
+    assert report["top1_single_view"] == pytest.approx(expected)
+    model.set_tta(False, False)
+    assert "top1_single_view" not in evaluate_final(model, data, torch.device("cpu"))  # one pass is all it makes
+
+    meta = {"arch": "airnet", "role": "student", "data": {"source": folder_data, "classes": CLASSES,
+                                                          "input_size": [3, 32, 32], "mean": list(data.mean),
+                                                          "std": list(data.std)}}
+    save_checkpoint(workdir / "ck" / "tta.safetensors", model,
+                    {**meta, "arch_args": {**arch_args, "flip_tta": True, "translate_tta": True}})
+    save_checkpoint(workdir / "ck" / "plain.safetensors", model, {**meta, "arch_args": arch_args})
+    code, out, _ = run_cli(capsys, "evaluate", workdir / "ck" / "tta.safetensors", workdir / "ck" / "plain.safetensors",
+                           "--cache-dir", workdir / "cache", "--record")
+    assert code == 0
+    assert out.count("single view (no test-time augmentation)") == 1 and f"{expected:.2f}%" in out
+    assert read_metadata(workdir / "ck" / "tta.safetensors")["metrics"]["test_top1_single_view"] == pytest.approx(expected)
+    assert "test_top1_single_view" not in read_metadata(workdir / "ck" / "plain.safetensors")["metrics"]
+    code, out, _ = run_cli(capsys, "list", workdir / "ck", "--markdown")
+    assert code == 0 and out.count(f"({expected:.2f}% single view)") == 1
+
+
 def test_reparameterized_student_ships_as_the_plain_net(capsys, workdir, folder_data):
     """camnet_rep trains with BN and extra branches and is written as plain camnet weights whose
     recorded accuracy the evaluate command reproduces; the training form is recorded too."""

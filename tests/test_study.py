@@ -64,6 +64,10 @@ def test_summary_mean_and_sample_std():
     assert table[5] == "| CE only | 1·ce | - | 0 | **65.50** | 65.50 | 1.0 | - |"
     rows = [{**rows[0], "variant": "KD (z)", "config": {"kd_standardize": True}}]
     assert summarize(rows, "title").splitlines()[4].startswith("| KD (z) | 0.25·ce + 0.75·kd (z-scored) | 4 | 0 |")
+    tta = [{**row, "variant": "TTA", "top1_single_view": single} for row, single in zip(rows * 2, (69.0, 70.0))]
+    assert "| **70.00** ± 0.00 (single view 69.50 ± 0.71) | 70.00, 70.00 |" in summarize(tta, "title")
+    unrecorded = {key: value for key, value in tta[1].items() if key != "top1_single_view"}
+    assert "single view" not in summarize([tta[0], unrecorded], "title")  # only when every run recorded it
 
 
 def test_a_checkpoint_saved_before_a_setting_existed_matches_that_settings_default():

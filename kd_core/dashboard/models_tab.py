@@ -19,7 +19,7 @@ from ..evaluation import student_mistakes as find_student_mistakes
 from ..export import format_table
 
 TABLE_COLUMNS = ["name", "arch", "role", "params", "MACs (M)", "size (MB)", "test top-1 (%)",
-                 "CAM corr. with teacher", "method", "teacher", "train (min)", "CPU latency b1 (ms)"]
+                 "single view (%)", "CAM corr. with teacher", "method", "teacher", "train (min)", "CPU latency b1 (ms)"]
 
 
 def checkpoint_rows(directory: str | Path) -> list[dict[str, Any]]:
@@ -34,6 +34,7 @@ def checkpoint_rows(directory: str | Path) -> list[dict[str, Any]]:
             "name": entry["name"], "arch": meta["arch"], "role": meta.get("role", ""),
             "params": metrics.get("params"), "MACs (M)": round(metrics.get("macs", 0) / 1e6, 1),
             "size (MB)": round(entry["file_size"] / 1e6, 2), "test top-1 (%)": metrics.get("test_top1"),
+            "single view (%)": metrics.get("test_top1_single_view"),  # a net predicting with TTA: one pass
             "CAM corr. with teacher": metrics.get("cam_correlation_mean"),
             "method": meta.get("method", ""), "teacher": (meta.get("teacher") or {}).get("name", ""),
             "train (min)": round(meta.get("train_seconds", 0) / 60, 1),

@@ -128,9 +128,19 @@ def summarize(rows: list[dict], title: str) -> str:
         minutes = statistics.fmean(row["train_seconds"] for row in group) / 60
         lines.append(f"| {label} | {objective} | {group[0]['temperature']:g} |" if uses_kd else
                      f"| {label} | {objective} | - |")
-        lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread} | "
+        lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread}{_single_view_text(group)} | "
                       f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} | {_cam_text(group)} |")
     return "\n".join(lines)
+
+
+def _single_view_text(group: list[dict]) -> str:
+    """`` (single view 86.50 ± 0.20)`` when every run of a variant predicts with test-time augmentation
+    and recorded its one-pass top-1 too, else nothing."""
+    values = [row.get("top1_single_view") for row in group]
+    if not values or None in values:
+        return ""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f" (single view {statistics.fmean(values):.2f}{spread})"
 
 
 def _cam_text(group: list[dict]) -> str:
@@ -280,7 +290,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 cam = (_teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
                        if teacher and main_process else None)  # measured as for a run trained here
                 rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
-                                 path, run_teacher, split, cam))
+                                 path, run_teacher, split, cam, meta["metrics"].get(f"{split}_top1_single_view")))
                 if main_process:
                     save_results(results_path, rows)
                 write_summary()
@@ -299,8 +309,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             cam = None
             if teacher and main_process:
                 cam = _teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
+            single = read_metadata(path)["metrics"].get(f"{result.evaluated_on}_top1_single_view")
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                             result.evaluated_on, cam))
+                             result.evaluated_on, cam, single))
             if main_process:
                 save_results(results_path, rows)
             write_summary()
@@ -327,7 +338,8 @@ def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: T
 
 
 def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
-         teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None) -> dict:
+         teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None,
+         single_view: float | None = None) -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
     what ``top1`` was measured on (test, or a validation split held out of train/)."""
@@ -335,4 +347,5 @@ def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float,
             "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
             "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256,
-            "cam_correlation": cam_correlation}
+            "cam_correlation": cam_correlation,
+            **({"top1_single_view": round(single_view, 2)} if single_view is not None else {})}  # a TTA net's one pass

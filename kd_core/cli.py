@@ -334,11 +334,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if data.classes != checkpoint.classes:
             raise UsageError(f"{path.name} was trained on other classes than {source} has")
         logits = predict(checkpoint.model, data.test.images, checkpoint.mean, checkpoint.std)
+        single = single_view_top1(checkpoint.model, data.test.images, data.test.labels, checkpoint.mean, checkpoint.std)
         report = {"checkpoint": str(path), "data": source, **classification_report(logits, data.test.labels),
                   "recorded_top1": checkpoint.meta.get("metrics", {}).get("test_top1"),
-                  **({"top1_single_view": single} if (single := single_view_top1(
-                      checkpoint.model, data.test.images, data.test.labels, checkpoint.mean, checkpoint.std))
-                     is not None else {}),
+                  **({"top1_single_view": single} if single is not None else {}),
                   "params": count_parameters(checkpoint.model),
                   "macs": count_macs(checkpoint.model, tuple(checkpoint.meta["data"]["input_size"])),
                   "file_size": path.stat().st_size, "classes": checkpoint.classes}

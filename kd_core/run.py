@@ -119,8 +119,9 @@ def evaluate_final(model: models.Classifier, data: DataBundle, device: torch.dev
     """Float32 test metrics: the numbers a checkpoint records and CI re-checks (and, for a net that
     predicts with test-time augmentation, its single-view top-1 beside them)."""
     logits = predict(model, data.test.images, data.mean, data.std, device=device)
+    report = classification_report(logits, data.test.labels)
     single = single_view_top1(model, data.test.images, data.test.labels, data.mean, data.std, device=device)
-    return {**classification_report(logits, data.test.labels), **({"top1_single_view": single} if single is not None else {})}
+    return report if single is None else {**report, "top1_single_view": single}
 
 
 def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tuple[TrainResult, Path | None]:

@@ -128,8 +128,9 @@ def summarize(rows: list[dict], title: str) -> str:
         minutes = statistics.fmean(row["train_seconds"] for row in group) / 60
         lines.append(f"| {label} | {objective} | {group[0]['temperature']:g} |" if uses_kd else
                      f"| {label} | {objective} | - |")
-        lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread}{_single_view_text(group)} | "
-                      f"{', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} | {_cam_text(group)} |")
+        lines[-1] += (f" {', '.join(str(row['seed']) for row in group)} | **{mean:.2f}**{spread}"
+                      f"{_single_view_text(group)} | {', '.join(f'{a:.2f}' for a in accuracies)} | {minutes:.1f} | "
+                      f"{_cam_text(group)} |")
     return "\n".join(lines)
 
 

@@ -257,6 +257,14 @@ def test_list_markdown_table(capsys, workdir, folder_data):
                         "`python -m kd_core train --recipe camnet-ce --epochs 1 --batch-size 16 --limit 40` | - |")
 
 
+def test_a_listed_run_scored_on_held_out_images_says_so():
+    from kd_core.cli import _top1_text
+
+    assert _top1_text({"test_top1": 78.494}) == "78.49%"
+    assert _top1_text({"validation_top1": 78.8, "validation_top5": 98.7}) == "78.80% val"
+    assert _top1_text({"params": 10}) == "-"
+
+
 def test_distill_from_teacher_views_is_reproducible_and_shares_its_bank(capsys, workdir, folder_data):
     code, _, _ = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "teacher"))
     teacher_path = workdir / "ck" / "teacher.safetensors"

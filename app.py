@@ -104,9 +104,33 @@ def job_manager() -> JobManager:
                       retention_seconds=retention * 3600 if retention > 0 else None)
 
 
+def _usable_checkpoints() -> list[dict]:
+    return [row for row in list_checkpoints(CHECKPOINTS) if "error" not in row] if CHECKPOINTS.is_dir() else []
+
+
 def checkpoint_names(role: str | None = None) -> list[str]:
-    rows = [row for row in list_checkpoints(CHECKPOINTS) if "error" not in row] if CHECKPOINTS.is_dir() else []
-    return [row["name"] for row in rows if role is None or row["meta"].get("role") == role]
+    return [row["name"] for row in _usable_checkpoints() if role is None or row["meta"].get("role") == role]
+
+
+def _data_key(meta: dict) -> tuple:
+    return tuple(meta["data"]["classes"]), tuple(meta["data"]["input_size"])
+
+
+def same_data_names(teacher: str | None) -> list[str]:
+    """The checkpoints of ``teacher``'s data set (same classes and input size) but itself, so that the
+    Students list stays short when checkpoints of several data sets ship; every checkpoint for a
+    teacher not (or no longer) in the folder."""
+    rows = {row["name"]: row["meta"] for row in _usable_checkpoints()}
+    if teacher not in rows:
+        return [name for name in rows if name != teacher]
+    wanted = _data_key(rows[teacher])
+    return [name for name, meta in rows.items() if name != teacher and _data_key(meta) == wanted]
+
+
+def student_choices(teacher: str | None, students: list[str] | None):
+    """The Students dropdown for ``teacher`` (:func:`same_data_names`); picks of another data set are dropped."""
+    names = same_data_names(teacher)
+    return gr.update(choices=names, value=[name for name in students or [] if name in names])
 
 
 def _default_teacher() -> str | None:
@@ -116,8 +140,7 @@ def _default_teacher() -> str | None:
 
 def _default_students() -> list[str]:
     """Two students of the default teacher's data set (camnet-kd-cam and camnet-ce when shipped)."""
-    rows = [row for row in list_checkpoints(CHECKPOINTS) if "error" not in row] if CHECKPOINTS.is_dir() else []
-    classes = {row["name"]: row["meta"]["data"]["classes"] for row in rows}
+    classes = {row["name"]: row["meta"]["data"]["classes"] for row in _usable_checkpoints()}
     teacher = _default_teacher()
     students = [name for name in checkpoint_names("student") if classes.get(name) == classes.get(teacher)]
     preferred = [name for name in ("camnet-kd-cam", "camnet-ce") if name in students]
@@ -362,7 +385,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                 # ModelCache refuses anything that is not a file in the checkpoints folder
                 teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher",
                                       allow_custom_value=True)
-                students = gr.Dropdown(checkpoint_names(), value=_default_students(), multiselect=True,
+                students = gr.Dropdown(same_data_names(_default_teacher()), value=_default_students(), multiselect=True,
                                        allow_custom_value=True,
                                        max_choices=MAX_STUDENTS, label="Students (up to 3)")
                 method = gr.Radio(cam_methods(), value="gradcam", label="CAM method",
@@ -391,6 +414,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
         explain_inputs = [image, teacher, students, method, target, top_k, opacity]
         explain_button.click(run_explain, explain_inputs, [*panel_outputs, agreement, numbers], api_name="explain")
         teacher.change(target_choices, teacher, target, api_name=False)
+        teacher.change(student_choices, [teacher, students], students, api_name=False)
 
     with gr.Tab("Models") as models_page:
         models_table = gr.Dataframe(headers=models_tab.TABLE_COLUMNS, interactive=False, label="Checkpoints")

@@ -581,3 +581,20 @@ def test_the_load_benchmark_reports_every_figure(server):
         assert row["calls"] == 4 and row["errors"] == 0
         assert 0 < row["median_ms"] <= row["p95_ms"] and row["calls_per_second"] > 0
         assert isinstance(row["rss_growth_mb"], float)
+
+
+def test_the_students_list_keeps_to_the_teachers_data_set(tmp_path, monkeypatch):
+    """With CIFAR-10 and digits checkpoints in one folder, the Students dropdown offers the chosen
+    teacher's data set only, and drops picks of another."""
+    import shutil
+
+    import app
+
+    for name in ("airnet", "camnet-ce", "camnet-kd-cam", "digits-cnn", "digits-mlp-ce", "digits-mlp-kd"):
+        shutil.copy(ROOT / "checkpoints" / f"{name}.safetensors", tmp_path)
+    monkeypatch.setattr(app, "CHECKPOINTS", tmp_path)
+    update = app.student_choices("digits-cnn", ["camnet-ce", "digits-mlp-kd"])
+    assert update["choices"] == ["digits-mlp-ce", "digits-mlp-kd"] and update["value"] == ["digits-mlp-kd"]
+    update = app.student_choices("airnet", ["camnet-ce", "digits-mlp-kd"])
+    assert update["choices"] == ["camnet-ce", "camnet-kd-cam"] and update["value"] == ["camnet-ce"]
+    assert app.same_data_names("gone") == sorted(app.checkpoint_names())  # an unknown teacher: everything

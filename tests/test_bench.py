@@ -217,3 +217,32 @@ def test_time_to_accuracy_trains_both_ways_until_the_target(tmp_path, teacher):
         time_to_accuracy("lightnn-kd", "cifar10", tmp_path, 72, views=0)
     with pytest.raises(ValueError, match="does not distil"):
         time_to_accuracy("lightnn-ce", "cifar10", tmp_path, 72)
+
+
+def test_cost_puts_a_student_beside_its_teacher_with_the_ratios(teacher, tmp_path, capsys):
+    from kd_core.bench.cost import ratios
+
+    student = tmp_path / "student.safetensors"
+    run(RunSpec(arch="mlp", data=f"folder:{teacher.parent / 'data'}", arch_args={"hidden": (8,)},
+                config=TrainConfig(epochs=1, batch_size=8), output=student, role="student",
+                cache_dir=teacher.parent / "cache"))
+    out_json = tmp_path / "cost.json"
+    assert main(["cost", str(teacher), str(student), "--repeats", "3", "--threads", "1", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    big, small = report["rows"]
+    assert (big["name"], small["name"]) == ("teacher", "student") and report["threads"] == 1
+    assert big["params"] == models.count_parameters(models.create("resnet8", num_classes=2))
+    assert small["params"] == 3 * 32 * 32 * 8 + 8 + 8 * 2 + 2  # one hidden layer of 8, two classes
+    assert small["macs"] == 3 * 32 * 32 * 8 + 8 * 2 and big["file_bytes"] == teacher.stat().st_size
+    assert all(row[key] > 0 for row in report["rows"] for key in ("latency_ms_batch1", "latency_ms_batch256"))
+    ratio = report["ratios"][0]
+    assert ratio["student"] == "student" and ratio["params"] == pytest.approx(big["params"] / small["params"])
+    assert "| teacher / student |" in out and f"| {small['params']:,} |" in out
+    assert ratios({"params": 10, "macs": 0}, {"params": 4, "macs": 2})["params"] == 2.5
+    assert ratios({"params": 10, "macs": 0}, {"params": 4, "macs": 2})["macs"] is None
+
+
+def test_cost_names_a_missing_checkpoint(teacher, tmp_path, capsys):
+    assert main(["cost", str(teacher), str(tmp_path / "gone.safetensors")]) == 2
+    assert "gone.safetensors" in capsys.readouterr().err

@@ -348,3 +348,49 @@ def test_batched_test_time_augmentation_equals_the_view_by_view_mean(translate):
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)  # a small batch takes the batched path
         big = torch.randn(40, 3, 32, 32)                                        # a large one the view-by-view path
         torch.testing.assert_close(model(big), (shifted_mirror_mean if translate else mirror_mean)(model.single_pass, big))
+
+
+def test_a_stride_2_stem_quarters_resnet18s_work_and_keeps_its_weights():
+    from kd_core.profile import count_macs
+
+    full, strided = models.create("resnet18"), models.create("resnet18", stem_stride=2)
+    assert models.count_parameters(strided) == PARAMETERS["resnet18"]
+    assert strided.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 512, 2, 2)
+    assert full.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 512, 4, 4)
+    # every conv sees a quarter of the positions; only the classifier's 5,120 MACs stay
+    assert count_macs(full, (3, 32, 32)) - 4 * count_macs(strided, (3, 32, 32)) == -3 * 512 * 10
+    for bad in ({"stem_stride": 3}, {"stem_stride": 2, "small_input": False}):
+        with pytest.raises(ValueError, match="stem_stride"):
+            models.create("resnet18", **bad)
+
+
+def test_pretrained_torchvision_weights_reach_the_body_and_the_head_is_new(monkeypatch):
+    """Online, ``pretrained=True`` asks torchvision for the ImageNet weights (stood in for here by a
+    fixed set): every layer but the replaced stem and classifier keeps them."""
+    import torchvision
+
+    asked = []
+    build = torchvision.models.resnet18
+    torch.manual_seed(1)
+    imagenet = build(weights=None).state_dict()
+
+    def fake_resnet18(weights=None):
+        asked.append(weights)
+        net = build(weights=None)
+        if weights is not None:
+            net.load_state_dict(imagenet)
+        return net
+
+    monkeypatch.setattr(torchvision.models, "resnet18", fake_resnet18)
+    model = models.create("resnet18", pretrained=True, stem_stride=2)
+    assert asked == ["ResNet18_Weights.IMAGENET1K_V1"]
+    assert torch.equal(model.features[4][0].conv1.weight, imagenet["layer1.0.conv1.weight"])
+    assert torch.equal(model.features[7][1].bn2.running_var, imagenet["layer4.1.bn2.running_var"])
+    assert model.features[0].weight.shape == (64, 3, 3, 3) and model.head.fc.out_features == 10
+
+    def offline(weights=None):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(RuntimeError, match="could not load ImageNet weights .* pretrained=False"):
+        models.create("resnet18", pretrained=True)

@@ -12,11 +12,12 @@ test accuracy reaches PCT, teacher bank included (:mod:`.accuracy`): the engine 
 ``--views`` sets the engine's bank size in both (default: each recipe's own, 8 or 16, made for 40 epochs
 and more; a short run pays less for fewer).
 
-    python -m kd_core benchmark {distill,explain,serve,models,scaling} ...
+    python -m kd_core benchmark {distill,explain,serve,models,scaling,cost} ...
 
 are single probes (:mod:`.probes`): one distillation's step cost on random images, one Explain-tab
-call, explain round trips through a served app under concurrent clients, the Models tab; and
-(:mod:`.scaling`) one run as 1 process x 2 threads against 2 processes x 1 thread under torchrun.
+call, explain round trips through a served app under concurrent clients, the Models tab;
+(:mod:`.scaling`) one run as 1 process x 2 threads against 2 processes x 1 thread under torchrun;
+and (:mod:`.cost`) a teacher's and its students' inference cost, side by side, with the ratios.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "published KD figure: 72) and report each wall time, teacher bank included")
     parser.add_argument("--max-epochs", type=int,
                         help="time to accuracy: the reference loop gives up after N epochs (default --epochs)")
-    probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models,scaling}",
+    probes = parser.add_subparsers(dest="probe", metavar="{distill,explain,serve,models,scaling,cost}",
                                    help="run one probe instead of the whole benchmark")
 
     distill = probes.add_parser("distill", help="cost of a distillation step, live teacher vs teacher bank")
@@ -95,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scaling.add_argument("--processes", type=int, default=2, help="N (default 2, the cores here)")
     scaling.add_argument("--limit", type=int, default=10_000, help="training images (default 10,000)")
     scaling.add_argument("--epochs", type=int, default=2)
+    cost = probes.add_parser("cost", help="a teacher's and its students' inference cost (parameters, MACs, file, "
+                                          "CPU latency, peak memory) and the ratios")
+    cost.add_argument("teacher", type=Path, help="teacher checkpoint")
+    cost.add_argument("students", type=Path, nargs="+", help="student checkpoints")
+    cost.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    cost.add_argument("--repeats", type=int, default=30, help="timed batch-1 passes (default 30; batch 256: a sixth)")
+    cost.add_argument("--json", type=Path, help="also write the report here as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         return probes._print_distill(args, "reusing freed memory" if tuned else "system")
     if args.probe == "explain":
         return probes._print_explain(args)
+    if args.probe == "cost":
+        return _print_cost(args)
     return _run_suite(args)
 
 
@@ -154,6 +164,22 @@ def _print_scaling(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_scaling(rows, args.recipe, args.limit, args.epochs))
+    return 0
+
+
+def _print_cost(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError
+    from .cost import format_cost, measure_cost, write_json
+
+    try:
+        report = measure_cost(args.teacher, args.students, args.repeats)
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_cost(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -113,7 +113,9 @@ def checkpoint_names(role: str | None = None) -> list[str]:
 
 
 def _data_key(meta: dict) -> tuple:
-    return tuple(meta["data"]["classes"]), tuple(meta["data"]["input_size"])
+    """What a teacher and its students must share: classes and input size."""
+    data = meta.get("data") or {}
+    return tuple(data.get("classes") or ()), tuple(data.get("input_size") or ())
 
 
 def same_data_names(teacher: str | None) -> list[str]:
@@ -140,9 +142,9 @@ def _default_teacher() -> str | None:
 
 def _default_students() -> list[str]:
     """Two students of the default teacher's data set (camnet-kd-cam and camnet-ce when shipped)."""
-    classes = {row["name"]: row["meta"]["data"]["classes"] for row in _usable_checkpoints()}
     teacher = _default_teacher()
-    students = [name for name in checkpoint_names("student") if classes.get(name) == classes.get(teacher)]
+    offered = same_data_names(teacher)
+    students = [name for name in checkpoint_names("student") if name in offered]
     preferred = [name for name in ("camnet-kd-cam", "camnet-ce") if name in students]
     return (preferred + [name for name in students if name not in preferred])[:2]
 
@@ -312,7 +314,10 @@ def recipe_form(recipe):
     except ValueError as error:
         raise gr.Error(str(error)) from None
     weights = values["weights"]
-    teacher = values["teacher"] if values["teacher"] in checkpoint_names() else _default_teacher()
+    teacher = values["teacher"]
+    if teacher not in checkpoint_names():  # a teacher too large to ship, or not trained yet
+        raise gr.Error(f"recipe {recipe} distils from {teacher}, which is not in the checkpoints folder: train it "
+                       f"first (python -m kd_core train --recipe {teacher}), or choose no recipe and another teacher.")
     return (gr.update(value=teacher), gr.update(value=values["student"]), gr.update(value=_offered(values["data"])),
             *(weights.get(term, 0) for term in ("ce", "kd", "feature", "cam")), values["temperature"], values["epochs"],
             values["lr"], values["batch_size"], values["seed"], values["limit"] or 0, values["teacher_views"])
@@ -346,8 +351,9 @@ def refresh_jobs(job_id, known_checkpoints):
     changed = names != known_checkpoints
     choice_update = gr.update(choices=names) if changed else gr.update()
     job_update = gr.update(choices=[row["id"] for row in jobs], value=job["id"] if job else None)
+    # the Students list follows the teacher's data set: known_checkpoints' change event redraws it
     return (distill_tab.job_rows(jobs), job_update, distill_tab.progress_html(job), loss, accuracy, names,
-            choice_update, choice_update, choice_update)
+            choice_update, gr.update(), choice_update)
 
 
 def _job_action(job_id, action: str, token) -> str:
@@ -490,6 +496,8 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
     resume.click(resume_job, [job_choice, owner_token], launch_message, api_name="resume_job")
     demo.load(models_overview, None, overview_outputs, api_name=False)
     demo.load(target_choices, teacher, target, api_name=False)
+    demo.load(student_choices, [teacher, students], students, api_name=False)
+    known_checkpoints.change(student_choices, [teacher, students], students, api_name=False)
 
 
 def schedule_jobs(manager: JobManager) -> None:

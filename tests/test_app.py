@@ -597,4 +597,24 @@ def test_the_students_list_keeps_to_the_teachers_data_set(tmp_path, monkeypatch)
     assert update["choices"] == ["digits-mlp-ce", "digits-mlp-kd"] and update["value"] == ["digits-mlp-kd"]
     update = app.student_choices("airnet", ["camnet-ce", "digits-mlp-kd"])
     assert update["choices"] == ["camnet-ce", "camnet-kd-cam"] and update["value"] == ["camnet-ce"]
-    assert app.same_data_names("gone") == sorted(app.checkpoint_names())  # an unknown teacher: everything
+    assert app.same_data_names("gone") == app.checkpoint_names()  # an unknown teacher: everything
+
+
+def test_the_students_list_is_redrawn_for_the_teacher_whenever_the_folder_changes(monkeypatch):
+    """The jobs timer redraws the Teacher lists when a job adds a checkpoint, but leaves Students to
+    student_choices (on the teacher's change, the page's load, and the folder's change), so a
+    finished job does not bring back every data set's checkpoints."""
+    import app
+
+    wiring = {(app.demo.blocks.get(target, app.demo).__class__.__name__, event): (fn.inputs, fn.outputs)
+              for fn in app.demo.fns.values() if fn.fn is app.student_choices for target, event in fn.targets}
+    assert set(wiring) == {("Dropdown", "change"), ("Blocks", "load"), ("State", "change")}
+    assert all(inputs == [app.teacher, app.students] and outputs == [app.students] for inputs, outputs in wiring.values())
+    timer = next(fn for fn in app.demo.fns.values() if fn.fn is app.refresh_jobs)
+    slot = timer.outputs.index(app.students)
+    assert app.known_checkpoints in timer.outputs
+    monkeypatch.setattr(app, "job_manager", lambda: SimpleNamespace(tick=lambda: None, list_jobs=lambda: [],
+                                                                    get_job=lambda job_id: None))
+    update = app.refresh_jobs(None, ["a checkpoint that is gone"])  # the folder changed
+    assert update[timer.outputs.index(app.teacher)]["choices"] == app.checkpoint_names()
+    assert "choices" not in update[slot]

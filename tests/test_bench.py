@@ -243,6 +243,10 @@ def test_cost_puts_a_student_beside_its_teacher_with_the_ratios(teacher, tmp_pat
     assert ratios({"params": 10, "macs": 0}, {"params": 4, "macs": 2})["macs"] is None
 
 
-def test_cost_names_a_missing_checkpoint(teacher, tmp_path, capsys):
-    assert main(["cost", str(teacher), str(tmp_path / "gone.safetensors")]) == 2
-    assert "gone.safetensors" in capsys.readouterr().err
+def test_cost_refuses_a_missing_checkpoint_or_another_data_set_before_timing_anything(teacher, tmp_path, capsys):
+    digits = Path(__file__).resolve().parents[1] / "checkpoints" / "digits-mlp-kd.safetensors"
+    for student, message in ((tmp_path / "gone.safetensors", "no checkpoint file at .*gone.safetensors"),
+                             (digits, "digits-mlp-kd.safetensors was trained on other data .* than teacher")):
+        assert main(["cost", str(teacher), str(student), "--threads", "1", "--repeats", "1"]) == 2
+        captured = capsys.readouterr()
+        assert re.search(message, captured.err) and captured.out == ""

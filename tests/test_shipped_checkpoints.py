@@ -58,13 +58,16 @@ def test_shipped_students_come_from_the_shipped_teachers():
     from kd_core.experiments import recipes
 
     shipped = {Path(row["path"]).name: row["path"] for row in ROWS}
-    pairs = [(row["name"], row["meta"]["teacher"]) for row in ROWS if row.get("meta", {}).get("teacher")]
+    pairs = [(row["name"], row["meta"]) for row in ROWS if row.get("meta", {}).get("teacher")]
     assert pairs
-    for name, teacher in pairs:
+    for name, meta in pairs:
+        teacher = meta["teacher"]
         if teacher["file"] not in shipped:
             assert teacher["name"] in recipes.names(), f"{name}'s teacher {teacher['file']} is neither shipped nor a recipe"
+            assert recipes.get(meta["recipe"]).teacher == teacher["name"], f"{name}'s recipe distils from another teacher"
             assert recipes.get(teacher["name"]).arch == teacher["arch"]
-            assert teacher["test_top1"] > 0 and len(teacher["weights_sha256"]) == 64
+            assert (teacher.get("test_top1") or 0) > 0, f"{name} does not record its teacher's accuracy"
+            assert len(teacher.get("weights_sha256") or "") == 64, f"{name} does not record its teacher's weights"
             warnings.warn(f"{name}'s teacher {teacher['file']} is not shipped (its recipe reproduces it): "
                           "its weights hash is not checked")
             continue

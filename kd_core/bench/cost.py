@@ -5,10 +5,13 @@ and 256, peak inference memory at batch 256, recorded test top-1), then each stu
 the teacher (the Tiny-Titans source project's "x faster, x less memory"). Every model is timed as
 one pass, its test-time augmentation off, so that the rows compare networks, not prediction
 policies; the top-1 column is the recorded one (with the model's test-time augmentation, if any).
+The file column is the checkpoint as shipped, so it counts the storage precision too (float16 or
+float32 weights, :mod:`kd_core.checkpoint`).
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,33 @@ from ..profile import count_macs, count_parameters, measure_latency, measure_pea
 COLUMNS = ("params", "macs", "file_bytes", "latency_ms_batch1", "latency_ms_batch256", "peak_memory_bytes_batch256")
 
 
-def cost_row(path: Path, repeats: int = 30) -> dict[str, Any]:
-    """The cost of one checkpoint's network, one pass, float32, on the CPU."""
+def _single_pass(path: Path):
+    """A checkpoint's network in float32 evaluation mode, its test-time augmentation off."""
     from ..checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
     model = checkpoint.model.float().eval()
-    if hasattr(model, "set_tta"):
-        model.set_tta(False, False)
-    shape = tuple(checkpoint.meta["data"]["input_size"])
+    model.set_tta(False, False)
+    return checkpoint, model, tuple(checkpoint.meta["data"]["input_size"])
+
+
+def _peak_memory(path: str, threads: int) -> int | None:
+    torch.set_num_threads(threads)
+    _, model, shape = _single_pass(Path(path))
+    return measure_peak_memory(model, shape, 256)
+
+
+def peak_memory_in_fresh_process(path: Path, threads: int) -> int | None:
+    """Peak inference memory at batch 256, measured in a process of its own: in a process that has
+    run other models, memory the allocator kept from them hides part of the peak."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_memory, (str(path), threads))
+
+
+def cost_row(path: Path, repeats: int = 30) -> dict[str, Any]:
+    """The cost of one checkpoint's network, one pass, float32, on the CPU."""
+    memory = peak_memory_in_fresh_process(path, torch.get_num_threads())
+    checkpoint, model, shape = _single_pass(path)
     return {
         "name": path.stem, "arch": checkpoint.meta.get("arch"),
         "test_top1": checkpoint.meta.get("metrics", {}).get("test_top1"),
@@ -36,7 +57,7 @@ def cost_row(path: Path, repeats: int = 30) -> dict[str, Any]:
         "file_bytes": path.stat().st_size,
         "latency_ms_batch1": measure_latency(model, shape, 1, repeats=repeats),
         "latency_ms_batch256": measure_latency(model, shape, 256, repeats=max(3, repeats // 6), warmup=1),
-        "peak_memory_bytes_batch256": measure_peak_memory(model, shape, 256),
+        "peak_memory_bytes_batch256": memory,
     }
 
 
@@ -50,7 +71,24 @@ def ratios(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float 
     return out
 
 
+def check_pairs(teacher: Path, students: list[Path]) -> None:
+    """Refuse, before anything is timed, a missing file or a student of another data set (other
+    classes or input size) than the teacher's."""
+    from ..checkpoint import read_metadata
+
+    def data_of(path: Path) -> tuple:
+        data = read_metadata(path).get("data") or {}
+        return tuple(data.get("classes") or ()), tuple(data.get("input_size") or ())
+
+    wanted = data_of(teacher)
+    for path in students:
+        if data_of(path) != wanted:
+            raise ValueError(f"{path.name} was trained on other data (classes or input size) than {teacher.name}; "
+                             "its costs do not compare")
+
+
 def measure_cost(teacher: Path, students: list[Path], repeats: int = 30) -> dict[str, Any]:
+    check_pairs(teacher, students)
     rows = [cost_row(path, repeats) for path in [teacher, *students]]
     return {"threads": torch.get_num_threads(), "rows": rows,
             "ratios": [{"student": row["name"], **ratios(rows[0], row)} for row in rows[1:]]}

@@ -41,8 +41,11 @@ class TorchvisionResNet(GapLinearClassifier):
                  small_input: bool = True, stem_stride: int = 1, pretrained: bool = False,
                  flip_tta: bool = False, translate_tta: bool = False):
         super().__init__()
-        if stem_stride not in (1, 2) or (stem_stride != 1 and not small_input):
-            raise ValueError(f"stem_stride is 1 or 2 and applies to the small-input stem, not {stem_stride}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, not {stem_stride!r}")
+        if stem_stride != 1 and not small_input:
+            raise ValueError("stem_stride applies to the small-input 3x3 stem; the ImageNet stem (small_input=False) "
+                             "has its own strides")
         net = _build(arch, pretrained)
         if small_input or in_channels != 3:
             stride, kernel = (stem_stride, 3) if small_input else (2, 7)
@@ -57,7 +60,8 @@ class TorchvisionResNet(GapLinearClassifier):
 
 class TorchvisionMobileNetV2(GapLinearClassifier):
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
-                 small_input: bool = True, pretrained: bool = False):
+                 small_input: bool = True, pretrained: bool = False, flip_tta: bool = False,
+                 translate_tta: bool = False):
         super().__init__()
         net = _build("mobilenet_v2", pretrained)
         stem = net.features[0][0]
@@ -66,6 +70,7 @@ class TorchvisionMobileNetV2(GapLinearClassifier):
                                            1 if small_input else 2, 1, bias=False)
         self.features = net.features  # (B, 1280, H/16, W/16) with the small stem
         self.head = GapLinearHead(net.last_channel, num_classes, dropout=0.2)
+        self.set_tta(flip_tta, translate_tta)
 
 
 for _arch in ("resnet18", "resnet50"):

@@ -14,7 +14,17 @@ from kd_core.evaluation import classification_report, predict, single_view_top1
 from kd_core.profile import count_parameters
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
-ROWS = list_checkpoints(SHIPPED) if SHIPPED.is_dir() else []
+
+
+def _ships(row: dict) -> bool:
+    """False for the file of a recipe too large to ship (``Recipe.shipped``), if a user trained it here."""
+    from kd_core.experiments import recipes
+
+    recipe = row.get("meta", {}).get("recipe")
+    return recipe not in recipes.names() or recipes.get(recipe).shipped
+
+
+ROWS = [row for row in list_checkpoints(SHIPPED) if _ships(row)] if SHIPPED.is_dir() else []
 MAX_TOTAL_BYTES = 60_000_000  # the issues' budget for every shipped checkpoint
 
 
@@ -64,6 +74,7 @@ def test_shipped_students_come_from_the_shipped_teachers():
         teacher = meta["teacher"]
         if teacher["file"] not in shipped:
             assert teacher["name"] in recipes.names(), f"{name}'s teacher {teacher['file']} is neither shipped nor a recipe"
+            assert not recipes.get(teacher["name"]).shipped, f"{name}'s teacher {teacher['file']} is missing"
             assert recipes.get(meta["recipe"]).teacher == teacher["name"], f"{name}'s recipe distils from another teacher"
             assert recipes.get(teacher["name"]).arch == teacher["arch"]
             assert (teacher.get("test_top1") or 0) > 0, f"{name} does not record its teacher's accuracy"
@@ -81,15 +92,42 @@ def test_a_student_whose_teacher_is_not_shipped_is_accepted_when_its_recipe_repr
 
     import test_shipped_checkpoints as module
 
+    from dataclasses import replace
+
+    from kd_core.experiments import recipes
+
     student = next(row for row in ROWS if row.get("meta", {}).get("teacher"))
     shutil.copy(student["path"], tmp_path / Path(student["path"]).name)
     monkeypatch.setattr(module, "ROWS", list_checkpoints(tmp_path))
+    with pytest.raises(AssertionError, match="is missing"):  # a teacher its recipe says is shipped
+        module.test_shipped_students_come_from_the_shipped_teachers()
+    teacher = student["meta"]["teacher"]["name"]
+    unshipped = replace(recipes.get(teacher), shipped=False)
+    monkeypatch.setitem(recipes.RECIPES._entries, teacher, lambda: unshipped)
     with pytest.warns(UserWarning, match="is not shipped"):
         module.test_shipped_students_come_from_the_shipped_teachers()
     lonely = {**student, "meta": {**student["meta"], "teacher": {**student["meta"]["teacher"], "name": "nobody"}}}
     monkeypatch.setattr(module, "ROWS", [lonely])
     with pytest.raises(AssertionError, match="neither shipped nor a recipe"):
         module.test_shipped_students_come_from_the_shipped_teachers()
+
+
+def test_a_recipe_too_large_to_ship_is_git_ignored_and_left_out_of_the_shipped_rows():
+    """``Recipe.shipped=False`` (issue: ResNet-50 at 47 MB): a user who trains it here can neither
+    commit it by accident nor break the folder's size budget."""
+    import subprocess
+
+    from kd_core.experiments import recipes
+
+    unshipped = [recipes.get(name) for name in recipes.names() if not recipes.get(name).shipped]
+    assert [recipe.name for recipe in unshipped] == ["resnet50"]
+    root = SHIPPED.parent
+    for recipe in unshipped:
+        path = f"checkpoints/{recipe.name}.safetensors"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
+        assert not _ships({"meta": {"recipe": recipe.name}})
+    assert _ships({"meta": {"recipe": "resnet18"}}) and _ships({"meta": {}})
 
 
 @pytest.mark.slow

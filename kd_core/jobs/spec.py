@@ -160,7 +160,7 @@ def bank_size(spec: JobSpec, checkpoints_dir: Path, cache_dir: Path | None = Non
     reads_features = any(LOSSES.get(name).needs_teacher and LOSSES.get(name).needs_teacher_features for name in active)
     return bank_bytes(config.teacher_views, images, len(teacher.classes),
                       shape[1:] if teacher.model.cam_layer is not None else None, shape if reads_features else None,
-                      config.augment.mix)
+                      config.augment)
 
 
 def check_bank(spec: JobSpec, checkpoints_dir: Path, cache_dir: Path | None = None) -> str:

@@ -13,7 +13,7 @@ from ..checkpoint import weights_sha256
 from ..losses import ModelOutput
 from ..models import Classifier
 from .config import TrainConfig
-from .teacher_bank import BankLoader, TeacherTargets, bank_key, build_bank, check_augment, check_feature_size, \
+from .teacher_bank import BankLoader, TeacherTargets, bank_key, build_bank, check_feature_size, \
     load_or_build_bank
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ class BankedTeacher(LiveTeacher):
 
     def check(self, trainer: "Trainer") -> None:
         """Refuse, before anything is built, what a bank cannot reproduce or hold."""
-        check_augment(trainer.config.augment)
         if trainer.objective.needs_teacher_features:
             check_feature_size(self.teacher, trainer.train_split, trainer.config.teacher_views)
 
@@ -72,11 +71,11 @@ class BankedTeacher(LiveTeacher):
                               progress=lambda done, total: trainer.emit("on_bank_progress", done, total),
                               should_stop=lambda: trainer.stop_requested)
 
-        padding, bank = config.augment.crop_padding, None
+        padding, cutout, bank = config.augment.crop_padding, config.augment.cutout, None
         if distributed.is_main():
-            bank = load_or_build_bank(self.bank_dir, key, build, padding)
+            bank = load_or_build_bank(self.bank_dir, key, build, padding, cutout=cutout)
         if distributed.broadcast_object(bank is not None) and not distributed.is_main():
-            bank = load_or_build_bank(self.bank_dir, key, build, padding, save=False)
+            bank = load_or_build_bank(self.bank_dir, key, build, padding, save=False, cutout=cutout)
         if not distributed.all_true(bank is not None):  # a stop during a build: every process abandons it
             return False
         self.bank_seconds, self.bank_reused = bank.build_seconds or 0.0, bank.reused

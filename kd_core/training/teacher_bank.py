@@ -3,8 +3,9 @@
 Distilling from a large teacher on a CPU is dominated by the teacher's forward pass: airnet's costs
 about a hundred times a camnet student's. A bank runs it once per view, the way FKD (Shen & Xing,
 "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022) stores soft labels of
-random crops: for each of ``views`` random (crop, flip) draws per training image it keeps the crop
-offsets, the flip, the teacher's logits and, for the CAM term, the teacher's class activation map;
+random crops: for each of ``views`` random augmentation draws per training image it keeps the draw
+(crop offsets and flip; rotation angle, colour-jitter factors and cutout square where those are on),
+the teacher's logits and, for the CAM term, the teacher's class activation map;
 for terms that read the teacher's feature map (FitNets hints, attention transfer, the cosine loss)
 it keeps that map too, in bfloat16.
 The student then trains on exactly those views, so its KD and CAM targets are the teacher's outputs
@@ -14,6 +15,8 @@ the view's logits and its maps mirrored: twice the distinct images for the same 
 With mixing (``augment.mix``: mixup or CutMix, :mod:`kd_core.data.mixing`) every view is first a
 blend of its image with a partner image; the bank keeps the partner, the share and the CutMix box,
 so the student sees exactly the mixed image the teacher scored, and cross-entropy both labels.
+A view is made in one order, the same when the bank is built and when it is served: mix, rotate,
+crop, jitter, cut out, flip (and mirror).
 
 A bank is saved in the cache folder under a key of the teacher's weights, the training images, the
 augmentation, the views, the CAM target, whether it keeps feature maps, and the seed, so the runs of
@@ -37,7 +40,8 @@ from safetensors.torch import save_file
 from ..cam import class_activation_map
 from ..files import atomic_path
 from ..data import AugmentConfig, BatchLoader, normalize
-from ..data.augment import crop, crop_offsets, flip_draws, flip_where
+from ..data.augment import (crop, crop_offsets, cutout_centers, erase_squares, flip_draws, flip_where, jitter,
+                             jitter_factors, rotate, rotation_angles)
 from ..data.mixing import MixDraw, MixedLabels, draw_mix, mix_images
 from ..data.sources import Split
 from ..models import Classifier
@@ -67,6 +71,10 @@ class TeacherBank:
     partners: torch.Tensor | None = None  # (V, N) int32: each mixed view's partner image
     lam: torch.Tensor | None = None       # (V, N) float32: the share of the view's own image
     boxes: torch.Tensor | None = None     # (V, 4, N) uint8: CutMix boxes (top, bottom, left, right)
+    angles: torch.Tensor | None = None    # (V, N) float32: rotation angles (radians)
+    jitter: torch.Tensor | None = None    # (V, 3, N) float32: brightness, contrast, saturation factors
+    centers: torch.Tensor | None = None   # (V, 2, N) float32: cutout squares' centres (fractions of H, W)
+    cutout: int = 0                       # side of the cutout squares (0: none)
 
     @property
     def views(self) -> int:
@@ -100,8 +108,14 @@ class TeacherBank:
                     mirror: torch.Tensor | None = None) -> torch.Tensor:
         """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` -> their views ``view`` ``(B,)``,
         mirrored where ``mirror`` ``(B,)`` is true."""
+        if self.angles is not None:
+            images = rotate(images, self.angles[view, index])
         if self.padding > 0:
             images = crop(images, self.padding, self.offsets[view, :, index].T)
+        if self.jitter is not None:
+            images = jitter(images, self.jitter[view, :, index].T)
+        if self.centers is not None:
+            images = erase_squares(images, self.cutout, self.centers[view, :, index].T)
         flips = self.flips[view, index]
         return flip_where(images, flips ^ mirror if mirror is not None else flips)
 
@@ -122,7 +136,7 @@ class TeacherBank:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"offsets": self.offsets, "flips": self.flips.to(torch.uint8), "logits": self.logits}
-        for name in ("partners", "lam", "boxes"):
+        for name in ("partners", "lam", "boxes", "angles", "jitter", "centers"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         if self.cams is not None:
@@ -132,21 +146,15 @@ class TeacherBank:
         return tensors
 
 
-def check_augment(augment: AugmentConfig | None) -> AugmentConfig:
-    """A bank reproduces mixing, crops and flips; other transforms would change the image the teacher saw."""
-    augment = augment or AugmentConfig.none()
-    if augment.rotation > 0 or augment.color_jitter > 0 or augment.cutout > 0:
-        raise ValueError("teacher views reproduce crop and flip augmentation only; "
-                         "turn off rotation, colour jitter and cutout, or use --teacher-views 0")
-    return augment
-
-
 def bank_key(teacher_weights: str, split: Split, augment: AugmentConfig, views: int, cam_target: str | None,
              seed: int, features: bool = False) -> str:
     digest = hashlib.sha256()
     fields = [BANK_VERSION, teacher_weights, augment.crop_padding, augment.flip, views, cam_target, seed]
     fields += ["features"] if features else []  # older keys unchanged
     fields += [augment.mix, augment.mix_alpha] if augment.mix != "none" else []
+    fields += [["rotation", augment.rotation]] if augment.rotation else []
+    fields += [["color_jitter", augment.color_jitter]] if augment.color_jitter else []
+    fields += [["cutout", augment.cutout]] if augment.cutout else []
     digest.update(json.dumps(fields).encode())
     digest.update(split.images.contiguous().numpy().tobytes())
     digest.update(split.labels.contiguous().numpy().tobytes())
@@ -159,8 +167,8 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
                features: bool = False, batch_size: int = 500, device: torch.device | str = "cpu", channels_last: bool = False,
                autocast: Callable | None = None, progress: Callable[[int, int], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> TeacherBank | None:
-    """Run the frozen ``teacher`` on ``views`` random views (independent crop and flip draws) of
-    every image of ``split``.
+    """Run the frozen ``teacher`` on ``views`` random views (independent draws of every transform
+    ``augment`` turns on) of every image of ``split``.
 
     ``cam_target``: ``'teacher'`` (maps for the teacher's predicted class), ``'label'``, or None (no
     maps). ``features``: keep the teacher's feature maps too (refused beyond ``MAX_FEATURE_BYTES``).
@@ -169,7 +177,7 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
     """
     if views < 1:
         raise ValueError(f"teacher views must be at least 1, got {views}")
-    augment = check_augment(augment)
+    augment = augment or AugmentConfig.none()
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     count = len(split)
@@ -188,6 +196,14 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
         bank.lam = torch.stack([draw.lam for draw in draws])                             # (V, N)
         if augment.mix == "cutmix":
             bank.boxes = torch.stack([draw.boxes for draw in draws]).to(torch.uint8)     # (V, 4, N)
+    # drawn after the older transforms, so a bank without these has the draws it always had
+    if augment.rotation > 0:
+        bank.angles = torch.stack([rotation_angles(count, augment.rotation, generator) for _ in range(views)])
+    if augment.color_jitter > 0:
+        bank.jitter = torch.stack([jitter_factors(count, augment.color_jitter, generator) for _ in range(views)])
+    if augment.cutout > 0:
+        bank.cutout = augment.cutout
+        bank.centers = torch.stack([cutout_centers(count, generator) for _ in range(views)])
     logits, cams, maps = [], [], []
     batches = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     total, done = views * len(batches), 0
@@ -223,15 +239,22 @@ def build_bank(teacher: Classifier, split: Split, mean: Sequence[float], std: Se
 
 
 def bank_bytes(views: int, images: int, num_classes: int, cam_shape: Sequence[int] | None,
-               feature_shape: Sequence[int] | None, mix: str = "none") -> int:
+               feature_shape: Sequence[int] | None, augment: AugmentConfig | None = None) -> int:
     """What a bank of ``views`` views of ``images`` images holds, in memory and in its cache file:
     per view and image, its crop offsets and flip, the logits (float32), the CAM (float32) when the
-    teacher has one, the feature maps (bfloat16) when a term reads them, and with mixing the partner
-    and share (and CutMix's box)."""
+    teacher has one, the feature maps (bfloat16) when a term reads them, with mixing the partner
+    and share (and CutMix's box), and ``augment``'s rotation angle, jitter factors and cutout centre."""
     per_view = 2 + 1 + 4 * num_classes + (4 * math.prod(cam_shape) if cam_shape else 0) \
         + (2 * math.prod(feature_shape) if feature_shape else 0) \
-        + {"none": 0, "mixup": 8, "cutmix": 12}[mix]
+        + (draw_bytes(augment) if augment else 0)
     return views * images * per_view
+
+
+def draw_bytes(augment: AugmentConfig) -> int:
+    """What a view's draws beyond its crop and flip take: mixing's partner and share (CutMix's box
+    too), the rotation angle, the three jitter factors, the cutout centre."""
+    return {"none": 0, "mixup": 8, "cutmix": 12}[augment.mix] + 4 * bool(augment.rotation) \
+        + 12 * bool(augment.color_jitter) + 8 * bool(augment.cutout)
 
 
 def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
@@ -247,11 +270,12 @@ def check_feature_size(teacher: Classifier, split: Split, views: int) -> None:
 
 
 def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Callable[[], TeacherBank | None],
-                       padding: int, save: bool = True) -> TeacherBank | None:
+                       padding: int, save: bool = True, cutout: int = 0) -> TeacherBank | None:
     """The bank saved under ``key`` in ``cache_dir``, else ``build()`` and save it (atomically).
     ``cache_dir=None`` keeps the bank in memory only. A damaged file is rebuilt, never trusted; an
     abandoned build (None) is not saved. The file records how long the build took, so a run that
-    reuses the bank can still report what the bank cost. ``save=False``: read the cache folder, never
+    reuses the bank can still report what the bank cost (``padding``, ``cutout``: the crop padding and
+    cutout size the views were drawn with). ``save=False``: read the cache folder, never
     write it (the processes of a distributed run other than rank 0)."""
     path = Path(cache_dir) / "teacher-banks" / f"{key}.safetensors" if cache_dir else None
     if path is not None and path.exists():
@@ -263,7 +287,9 @@ def load_or_build_bank(cache_dir: str | os.PathLike | None, key: str, build: Cal
             return TeacherBank(padding, tensors["offsets"], tensors["flips"].bool(), tensors["logits"],
                                tensors.get("cams"), tensors.get("features"),
                                build_seconds=float(seconds) if seconds else None, reused=True,
-                               partners=tensors.get("partners"), lam=tensors.get("lam"), boxes=tensors.get("boxes"))
+                               partners=tensors.get("partners"), lam=tensors.get("lam"), boxes=tensors.get("boxes"),
+                               angles=tensors.get("angles"), jitter=tensors.get("jitter"),
+                               centers=tensors.get("centers"), cutout=cutout if "centers" in tensors else 0)
         except Exception:
             path.unlink(missing_ok=True)
     started = time.perf_counter()

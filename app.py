@@ -464,9 +464,8 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
                     limit = gr.Number(FORM["limit"] or 0, label="subset size (0: all)", precision=0)
                     teacher_views = gr.Number(FORM["teacher_views"], label="teacher views (0: teacher every step)",
                                               precision=0,
-                                              info="N: run the teacher once on N crop/flip views of each image "
-                                                   "and reuse its outputs; much faster with a large teacher "
-                                                   "(KD and CAM only)")
+                                              info="N: run the teacher once on N augmented views of each image "
+                                                   "and reuse its outputs; much faster with a large teacher")
                 launch = gr.Button("Launch", variant="primary")
                 launch_message = gr.Markdown()
         jobs_table = gr.Dataframe(headers=distill_tab.JOB_COLUMNS, interactive=False, label="Jobs")

@@ -109,9 +109,9 @@ def _add_training_options(parser: argparse.ArgumentParser, distill: bool) -> Non
         loss.add_argument("--at", type=float, help="weight of attention transfer")
         loss.add_argument("--temperature", "-T", type=float, help="KD temperature T > 0")
         loss.add_argument("--teacher-views", type=int, metavar="N",
-                          help="0: run the teacher at every step; N: run it once on N random crop/flip views of "
+                          help="0: run the teacher at every step; N: run it once on N random augmented views of "
                                "every training image, keep its outputs in the cache folder and train on those views "
-                               "(much faster with a large teacher; kd and cam terms only)")
+                               "(much faster with a large teacher)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,6 +186,11 @@ def test_a_bank_replays_rotation_jitter_and_cutout_and_serves_the_teachers_outpu
     torch.testing.assert_close(bank.view_images(images, index, view, mirror), viewed.flip(3))
     for images_, labels, targets in BankLoader(data.train, bank, 8, data.mean, data.std, seed=1):
         torch.testing.assert_close(targets.logits, model(images_), atol=1e-5, rtol=1e-5)
+    # what a job is told the bank holds: every stored draw, besides the logits and maps
+    from kd_core.training.teacher_bank import bank_bytes
+
+    stored = sum(tensor.numel() * tensor.element_size() for tensor in bank.tensors().values())
+    assert bank_bytes(3, 24, 2, bank.cams.shape[2:], None, RICH) == stored
     # saved and read back with every draw
     saved = load_or_build_bank(tmp_path, "rich", lambda: bank, 2, cutout=3)
     read = load_or_build_bank(tmp_path, "rich", lambda: pytest.fail("rebuilt"), 2, cutout=3)

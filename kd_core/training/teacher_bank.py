@@ -88,8 +88,8 @@ class TeacherBank:
 
     def source_images(self, split: Split, index: torch.Tensor, view: torch.Tensor,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` before their views' crops and
-        flips: the images themselves, or for a mixed bank their blends with the views' partners."""
+        """Float images ``(B, C, H, W)`` in [0, 1] of samples ``index`` before their views' transforms
+        (:meth:`view_images`): the images themselves, or for a mixed bank their blends with the views' partners."""
         images = split.images[index].to(device, non_blocking=True).float().div_(255)
         draw = self.mix_draw(index, view)
         if draw is None:

@@ -45,6 +45,7 @@ from kd_core.dashboard import distill_tab, explain_tab, models_tab
 from kd_core.checkpoint import NAME, CheckpointError, list_checkpoints
 from kd_core.data.sources import source_name
 from kd_core.explain import ModelCache, cam_methods, explain
+from kd_core.experiments import recipes
 from kd_core.explain.images import MAX_UPLOAD_BYTES, ImageError, uploaded_source
 from kd_core.jobs import JobManager
 from kd_core.jobs.spec import distillation_recipes, form_values
@@ -133,6 +134,19 @@ def student_choices(teacher: str | None, students: list[str] | None):
     """The Students dropdown for ``teacher`` (:func:`same_data_names`); picks of another data set are dropped."""
     names = same_data_names(teacher)
     return gr.update(choices=names, value=[name for name in students or [] if name in names])
+
+
+def offered_recipes() -> list[str]:
+    """The Distill tab's recipes: those whose teacher is in the checkpoints folder (a teacher too
+    large to ship is offered once a user has trained it), after the no-recipe choice."""
+    present = set(checkpoint_names())
+    return [NO_RECIPE, *(name for name in distillation_recipes() if recipes.get(name).teacher in present)]
+
+
+def recipe_choices(recipe: str | None):
+    """The Recipe dropdown redrawn for the folder as it is now; a choice no longer offered falls back to none."""
+    names = offered_recipes()
+    return gr.update(choices=names, value=recipe if recipe in names else NO_RECIPE)
 
 
 def _default_teacher() -> str | None:
@@ -441,7 +455,7 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
     with gr.Tab("Distill"):
         with gr.Row():
             with gr.Column():
-                job_recipe = gr.Dropdown([NO_RECIPE, *distillation_recipes()], value=NO_RECIPE, label="Recipe",
+                job_recipe = gr.Dropdown(offered_recipes(), value=NO_RECIPE, label="Recipe",
                                          info="start from a named recipe (python -m kd_core recipes); "
                                               "the values below override it")
                 job_teacher = gr.Dropdown(checkpoint_names(), value=_default_teacher(), label="Teacher")
@@ -497,6 +511,8 @@ with gr.Blocks(title="KD Workbench", delete_cache=(3600, 7200)) as demo:
     demo.load(target_choices, teacher, target, api_name=False)
     demo.load(student_choices, [teacher, students], students, api_name=False)
     known_checkpoints.change(student_choices, [teacher, students], students, api_name=False)
+    demo.load(recipe_choices, job_recipe, job_recipe, api_name=False)
+    known_checkpoints.change(recipe_choices, job_recipe, job_recipe, api_name=False)
 
 
 def schedule_jobs(manager: JobManager) -> None:

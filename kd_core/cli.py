@@ -256,6 +256,10 @@ def resolve_run(args: argparse.Namespace, distill: bool):
     teacher = getattr(args, "teacher", None)
     if distill and teacher is None and recipe.teacher:  # distill always has a teacher, even for a CE-only objective
         teacher = CHECKPOINT_DIR / f"{recipe.teacher}.safetensors"
+        if not teacher.exists():  # a teacher too large to ship (Recipe.shipped), or deleted
+            raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}, which is not in {CHECKPOINT_DIR}: "
+                             f"train it first (python -m kd_core train --recipe {recipe.teacher}) "
+                             "or name another with --teacher")
     spec = recipe.run_spec(_overrides(args, recipe, distill), arch=args.arch, teacher=teacher,
                            data=args.data, name=args.name, output=args.output,
                            state_path=args.run_dir / "resume.safetensors" if args.run_dir else None,
@@ -582,8 +586,11 @@ def _benchmark(args: argparse.Namespace) -> int:
 def _recipes(args: argparse.Namespace) -> int:
     for name in recipes.names():
         recipe = recipes.get(name)
+        teacher = recipes.get(recipe.teacher) if recipe.teacher in recipes.names() else None
+        note = "   # not shipped (too large): this trains it" if not recipe.shipped else \
+            f"   # after {teacher.command}" if teacher is not None and not teacher.shipped else ""
         print(f"{name:<16} {recipe.arch:<14} {recipe.config.epochs:>3} epochs  {recipe.description}\n"
-              f"{'':<16} {recipe.command}")
+              f"{'':<16} {recipe.command}{note}")
     return 0
 
 

@@ -345,3 +345,15 @@ def test_distilling_for_a_validation_score_refuses_a_teacher_that_saw_the_held_o
     assert capsys.readouterr().err == ""
     check_held_out({"data": {"source": "cifar10"}}, "imported", source, 5000)  # other data: cannot tell, says so
     assert "teacher imported was trained on cifar10, not folder:data" in capsys.readouterr().err
+
+
+def test_a_recipe_whose_teacher_is_not_in_the_folder_says_how_to_train_it(capsys, tmp_path, monkeypatch):
+    """resnet50 is too large to ship: distilling its student first asks for it, and `recipes` says so."""
+    monkeypatch.setattr("kd_core.cli.CHECKPOINT_DIR", tmp_path)
+    assert main(["distill", "--recipe", "mobilenet-v2-kd"]) == 2
+    assert "distils from resnet50, which is not in" in capsys.readouterr().err
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m kd_core train --recipe resnet50   # not shipped (too large): this trains it" in out
+    assert "python -m kd_core distill --recipe mobilenet-v2-kd   # after python -m kd_core train --recipe resnet50" in out
+    assert "python -m kd_core distill --recipe lightnn-kd\n" in out  # a shipped teacher: no note

@@ -157,3 +157,20 @@ def test_every_shipped_checkpoint_is_its_recipe_unchanged():
         assert reproduce_command(meta) == recipes.get(meta["recipe"]).command, path.name
         for setting, value in REMOVED_SETTINGS.items():
             assert meta["config"].get(setting, value) == value
+
+
+def test_the_distill_tab_offers_only_recipes_whose_teacher_is_in_the_folder(tmp_path, monkeypatch):
+    """A recipe whose teacher is absent (resnet50, too large to ship) is not offered, so a pick
+    cannot leave the form on a recipe it could not fill in; it appears once the teacher is there."""
+    import shutil
+
+    import app
+
+    monkeypatch.setattr(app, "CHECKPOINTS", tmp_path)
+    assert app.offered_recipes() == [app.NO_RECIPE]
+    assert app.recipe_choices("lightnn-kd")["value"] == app.NO_RECIPE
+    shutil.copy(Path(__file__).resolve().parents[1] / "checkpoints" / "deepnn.safetensors", tmp_path)
+    offered = app.offered_recipes()
+    assert offered == [app.NO_RECIPE, "lightnn-kd"]
+    update = app.recipe_choices("lightnn-kd")
+    assert update["choices"] == offered and update["value"] == "lightnn-kd"

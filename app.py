@@ -330,8 +330,8 @@ def recipe_form(recipe):
     weights = values["weights"]
     teacher = values["teacher"]
     if teacher not in checkpoint_names():  # a teacher too large to ship, or not trained yet
-        raise gr.Error(f"recipe {recipe} distils from {teacher}, which is not in the checkpoints folder: train it "
-                       f"first (python -m kd_core train --recipe {teacher}), or choose no recipe and another teacher.")
+        raise gr.Error(f"{recipes.absent_teacher(recipes.get(recipe), 'the checkpoints folder')}, "
+                       "or choose no recipe and another teacher.")
     return (gr.update(value=teacher), gr.update(value=values["student"]), gr.update(value=_offered(values["data"])),
             *(weights.get(term, 0) for term in ("ce", "kd", "feature", "cam")), values["temperature"], values["epochs"],
             values["lr"], values["batch_size"], values["seed"], values["limit"] or 0, values["teacher_views"])

@@ -257,9 +257,7 @@ def resolve_run(args: argparse.Namespace, distill: bool):
     if distill and teacher is None and recipe.teacher:  # distill always has a teacher, even for a CE-only objective
         teacher = CHECKPOINT_DIR / f"{recipe.teacher}.safetensors"
         if not teacher.exists():  # a teacher too large to ship (Recipe.shipped), or deleted
-            raise UsageError(f"recipe {recipe.name} distils from {recipe.teacher}, which is not in {CHECKPOINT_DIR}: "
-                             f"train it first (python -m kd_core train --recipe {recipe.teacher}) "
-                             "or name another with --teacher")
+            raise UsageError(f"{recipes.absent_teacher(recipe, str(CHECKPOINT_DIR))} or name another with --teacher")
     spec = recipe.run_spec(_overrides(args, recipe, distill), arch=args.arch, teacher=teacher,
                            data=args.data, name=args.name, output=args.output,
                            state_path=args.run_dir / "resume.safetensors" if args.run_dir else None,

@@ -94,6 +94,13 @@ def get(name: str) -> Recipe:
     return RECIPES.create(name)
 
 
+def absent_teacher(recipe: Recipe, where: str) -> str:
+    """What to tell someone who starts ``recipe`` while its teacher is not in the checkpoints folder
+    (``where``, as they know it)."""
+    return (f"recipe {recipe.name} distils from {recipe.teacher}, which is not in {where}: "
+            f"train it first ({get(recipe.teacher).command})")
+
+
 def names() -> list[str]:
     return RECIPES.names()
 

@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import (agreement, cam_agreement, classification_report, predict, single_view_top1,
+    from .evaluation import (agreement, cam_agreement, classification_report, predict, predict_views,
                              teacher_class_maps)
     from .profile import count_macs, count_parameters, measure_latency, measure_peak_memory
 
@@ -335,11 +335,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         data = load_data(source, cache_dir=args.cache_dir)
         if data.classes != checkpoint.classes:
             raise UsageError(f"{path.name} was trained on other classes than {source} has")
-        logits = predict(checkpoint.model, data.test.images, checkpoint.mean, checkpoint.std)
-        single = single_view_top1(checkpoint.model, data.test.images, data.test.labels, checkpoint.mean, checkpoint.std)
+        logits, single = predict_views(checkpoint.model, data.test.images, checkpoint.mean, checkpoint.std)
         report = {"checkpoint": str(path), "data": source, **classification_report(logits, data.test.labels),
                   "recorded_top1": checkpoint.meta.get("metrics", {}).get("test_top1"),
-                  **({"top1_single_view": single} if single is not None else {}),
+                  **({"top1_single_view": classification_report(single, data.test.labels)["top1"]}
+                     if single is not None else {}),
                   "params": count_parameters(checkpoint.model),
                   "macs": count_macs(checkpoint.model, tuple(checkpoint.meta["data"]["input_size"])),
                   "file_size": path.stat().st_size, "classes": checkpoint.classes}

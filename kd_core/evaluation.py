@@ -29,17 +29,33 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
     return torch.cat(outputs)
 
 
-def single_view_top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
-                     std: Sequence[float], device: torch.device | str = "cpu") -> float | None:
-    """Top-1 (percent) of one pass per image, for a model that predicts with test-time augmentation
-    (several views: :meth:`~kd_core.models.base.Classifier.set_tta`); None for a model without it,
-    whose top-1 is already single-view."""
-    from .models.base import SingleView
+@torch.no_grad()
+def predict_views(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                  batch_size: int = 1000, device: torch.device | str = "cpu",
+                  amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`predict`'s logits and, for a model that predicts with test-time augmentation (several
+    views: :meth:`~kd_core.models.base.Classifier.set_tta`), its single-view logits beside them, from
+    the same passes (the image itself is the first view); None for a model without it, whose logits
+    are already single-view."""
+    from .models.base import tta_views, view_mean
 
     if not getattr(model, "flip_tta", False):
-        return None
-    logits = predict(SingleView(model), images, mean, std, device=device)
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+        return predict(model, images, mean, std, batch_size, device, amp_dtype), None
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    mixed, single = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    try:
+        with autocast:
+            for chunk in images.split(batch_size):
+                views, weights = tta_views(normalize(chunk.to(device), mean, std), model.translate_tta)
+                logits = torch.cat([model.single_pass(view) for view in views.split(len(chunk))]).float()
+                single.append(logits[:len(chunk)].cpu())
+                mixed.append(view_mean(logits, weights).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(mixed), torch.cat(single)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

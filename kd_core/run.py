@@ -17,7 +17,7 @@ from .checkpoint import (LoadedCheckpoint, check_weights_dtype, file_sha256, loa
                          save_checkpoint, weights_sha256)
 from .data import DataBundle, load_data
 from .data.sources import DataError, default_cache_dir, parse_source
-from .evaluation import classification_report, predict, single_view_top1
+from .evaluation import classification_report, predict_views
 from .profile import count_macs, count_parameters
 from .losses import needs_teacher
 from .training import Callback, TrainConfig, Trainer, TrainResult
@@ -118,10 +118,9 @@ def check_held_out(teacher_meta: dict[str, Any], teacher_name: str, data: str, v
 def evaluate_final(model: models.Classifier, data: DataBundle, device: torch.device) -> dict[str, Any]:
     """Float32 test metrics: the numbers a checkpoint records and CI re-checks (and, for a net that
     predicts with test-time augmentation, its single-view top-1 beside them)."""
-    logits = predict(model, data.test.images, data.mean, data.std, device=device)
+    logits, single = predict_views(model, data.test.images, data.mean, data.std, device=device)
     report = classification_report(logits, data.test.labels)
-    single = single_view_top1(model, data.test.images, data.test.labels, data.mean, data.std, device=device)
-    return report if single is None else {**report, "top1_single_view": single}
+    return report if single is None else {**report, "top1_single_view": classification_report(single, data.test.labels)["top1"]}
 
 
 def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tuple[TrainResult, Path | None]:

@@ -350,6 +350,24 @@ def test_batched_test_time_augmentation_equals_the_view_by_view_mean(translate):
         torch.testing.assert_close(model(big), (shifted_mirror_mean if translate else mirror_mean)(model.single_pass, big))
 
 
+@pytest.mark.parametrize("translate", [False, True])
+def test_predict_views_gives_the_tta_logits_and_the_single_view_ones_from_the_same_passes(translate):
+    from kd_core.evaluation import predict, predict_views
+    from kd_core.models.base import SingleView
+
+    torch.manual_seed(0)
+    model = models.create("airnet", widths=(8, 16, 16), flip_tta=True, translate_tta=translate).train()
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    logits, single = predict_views(model, images, mean, std, batch_size=32)  # chunks of 32, 32 and 6 images
+    torch.testing.assert_close(logits, predict(model, images, mean, std), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, predict(SingleView(model), images, mean, std), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, single) and model.training  # the views differ; the mode is restored
+    plain = models.create("airnet", widths=(8, 16, 16)).eval()
+    logits, single = predict_views(plain, images, mean, std)
+    assert single is None and torch.equal(logits, predict(plain, images, mean, std))
+
+
 def test_a_stride_2_stem_quarters_resnet18s_work_and_keeps_its_weights():
     from kd_core.profile import count_macs
 

@@ -3,6 +3,7 @@ CIFAR-10 copy decoded once per run, tiny synthetic image folders and bundles, an
 speed: ``slow`` (the real CIFAR-10), ``app`` (a served app), ``browser`` (Chromium)."""
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def real_cifar(real_cache_dir) -> DataBundle:
     if not REAL_CIFAR.exists():
         pytest.skip(f"real CIFAR-10 copy missing: the shared data folder {REAL_CIFAR.parent} has no {REAL_CIFAR.name}")
     return load_data(f"folder:{REAL_CIFAR}", cache_dir=real_cache_dir)
+
+
+@pytest.fixture
+def all_cores():
+    """Every core this process may use (the suite runs on one thread otherwise), for a test that
+    runs real models over the 10,000 test images; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

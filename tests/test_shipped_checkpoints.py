@@ -33,6 +33,7 @@ def test_checkpoint_folder_is_small_and_fully_usable():
     assert sum(row["file_size"] for row in ROWS) <= MAX_TOTAL_BYTES
 
 
+@pytest.mark.usefixtures("all_cores")
 @pytest.mark.parametrize("row", ROWS, ids=[row["name"] for row in ROWS])
 def test_shipped_checkpoint_matches_its_recorded_accuracy(row, request):
     checkpoint = load_checkpoint(row["path"])

@@ -176,6 +176,25 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, m
     assert sorted(path.name for path in tmp_path.iterdir()) == ["airnet-tta0.safetensors", "model.onnx"]
 
 
+def test_models_tab_says_how_to_get_back_a_teacher_that_is_not_in_the_folder(tmp_path, monkeypatch):
+    """The mistakes gallery of a student whose teacher is absent (ResNet-50 is not shipped) is empty,
+    and its note names the teacher, its recorded accuracy and the recipe that trains it again."""
+    student = tiny_airnet(tmp_path, False)
+    student.meta["teacher"] = {"name": "resnet50", "file": "resnet50.safetensors", "test_top1": 84.08}
+
+    def find_checkpoint(name):
+        raise CheckpointError(f"checkpoint {name!r} is not in the checkpoints folder")
+
+    monkeypatch.setattr(models_tab, "sample_for", lambda checkpoint, cifar_sample: "a sample of its data set")
+    gallery, note = models_tab.mistakes_gallery(student, find_checkpoint, "sample.safetensors")
+    assert gallery == [] and note == ("Teacher resnet50 is not in the checkpoints folder (it scored 84.08% test top-1 "
+                                      "when this model learnt from it); `python -m kd_core train --recipe resnet50` "
+                                      "trains it again.")
+    student.meta["teacher"] = {"name": "someone-elses", "file": "someone-elses.safetensors"}
+    assert models_tab.mistakes_gallery(student, find_checkpoint, "sample.safetensors")[1] == (
+        "Teacher someone-elses is not in the checkpoints folder.")
+
+
 def test_models_tab_note_shows_the_recorded_export(tmp_path):
     checkpoint = tiny_airnet(tmp_path, False)
     *_, note = models_tab.details(checkpoint, None, None)

@@ -165,10 +165,23 @@ def mistakes_gallery(student: LoadedCheckpoint, find_checkpoint, cifar_sample: s
     try:
         teacher = find_checkpoint(recorded["name"])
     except CheckpointError:
-        return [], f"Teacher {recorded['name']} is not in the checkpoints folder."
+        return [], absent_teacher_note(recorded)
     gallery, count = student_mistakes(student, teacher, sample)
     return gallery, (f"{count} of {len(sample.labels):,} sample test images that {recorded['name']} "
                      f"classifies correctly and {student.name} does not (first {len(gallery)} shown).")
+
+
+def absent_teacher_note(recorded: dict[str, Any]) -> str:
+    """Why a student's mistakes gallery is empty when its recorded teacher is not in the folder, and
+    how to get the teacher back where a recipe reproduces it (e.g. ResNet-50, too large to ship)."""
+    from ..experiments import recipes
+
+    note = f"Teacher {recorded['name']} is not in the checkpoints folder"
+    if recorded.get("test_top1"):
+        note += f" (it scored {recorded['test_top1']:.2f}% test top-1 when this model learnt from it)"
+    if recorded["name"] in recipes.names():
+        note += f"; `{recipes.get(recorded['name']).command}` trains it again"
+    return note + "."
 
 
 def export_note(meta: dict[str, Any]) -> str:

@@ -104,6 +104,31 @@ def test_a_study_folder_resumes_on_another_device(tmp_path):
     assert "| recipe | 1·ce | - | 0 | **70.00** |" in summary
 
 
+def test_a_run_stored_at_another_weights_dtype_is_neither_resumed_nor_reused(tmp_path):
+    """digits-mlp-ce now stores float16 weights; its study rows and checkpoints from when it stored
+    float32 (a row without the field is float32) were scored on other weights, so a study of the
+    recipe refuses the old folder and reuses no such checkpoint."""
+    recipe = recipes.get("digits-mlp-ce")
+    assert recipe.weights_dtype == "float16"
+    row = {"variant": "recipe", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0, "top1": 99.16,
+           "split": "test", "train_seconds": 6.0, "checkpoint": "x.safetensors",
+           "config": recipe.config.to_json(), "teacher_sha256": None, "cam_correlation": None}
+    (tmp_path / "results.json").write_text(json.dumps([row]))
+    with pytest.raises(ValueError, match="holds a recipe run .seed 0. scored with float32 weights, and the recipe "
+                                         "now stores float16; give the study another --output folder"):
+        run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
+    (tmp_path / "results.json").write_text(json.dumps([{**row, "weights_dtype": "float16"}]))
+    summary = run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
+    assert "| recipe | 1·ce | - | 0 | **99.16** |" in summary
+
+    config = json.loads(json.dumps(recipe.config.to_dict()))
+    meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, "in_channels": 1, "input_size": 8},
+            "data": {"source": recipe.data}, "config": config, "teacher": None}
+    assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, None) is None
+    stored = {**meta, "weights_dtype": "float16"}
+    assert matching_checkpoint([(Path("new"), stored)], recipe, config, recipe.data, None) == (Path("new"), stored)
+
+
 def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "data", ["cat", "dog", "frog"], {"train": 12, "test": 6}, size=32)

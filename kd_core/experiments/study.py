@@ -196,14 +196,15 @@ def matching_checkpoint(candidates: Iterable[tuple[Path, dict]], recipe: Recipe,
                         teacher: Path | None, teacher_sha256: str | None = None) -> tuple[Path, dict] | None:
     """The first of ``candidates`` (path, metadata) that a run of ``recipe`` with ``config`` on ``data``
     from ``teacher`` would have written: same architecture (as trained), arguments, data, teacher file
-    (and, given ``teacher_sha256``, its very weights) and settings."""
+    (and, given ``teacher_sha256``, its very weights), settings and stored weights dtype."""
     wanted = (recipe.arch, json.loads(json.dumps(recipe.arch_args)))
     for path, meta in candidates:
         recorded = meta.get("teacher") or {}
         if (trained_architecture(meta) == wanted and meta["data"]["source"] == data
                 and not changed_settings(saved_config(meta), config)  # where it ran (device) is no setting
                 and recorded.get("file") == (Path(teacher).name if teacher else None)
-                and (teacher_sha256 is None or recorded.get("weights_sha256") == teacher_sha256)):
+                and (teacher_sha256 is None or recorded.get("weights_sha256") == teacher_sha256)
+                and meta.get("weights_dtype", "float32") == recipe.weights_dtype):
             return path, meta
     return None
 
@@ -281,6 +282,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) distilled from other "
                                  f"weights of {Path(teacher).name}; give the study another --output folder")
+            if done and done[0].get("weights_dtype", "float32") != recipe.weights_dtype:
+                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) scored with "
+                                 f"{done[0].get('weights_dtype', 'float32')} weights, and the recipe now stores "
+                                 f"{recipe.weights_dtype}; give the study another --output folder")
             if done:
                 continue
             name = f"{recipe.name}-{variant.slug}-s{seed}"
@@ -291,7 +296,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 cam = (_teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
                        if teacher and main_process else None)  # measured as for a run trained here
                 rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
-                                 path, run_teacher, split, cam, meta["metrics"].get(f"{split}_top1_single_view")))
+                                 path, run_teacher, split, cam, meta["metrics"].get(f"{split}_top1_single_view"),
+                                 recipe.weights_dtype))
                 if main_process:
                     save_results(results_path, rows)
                 write_summary()
@@ -310,9 +316,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             cam = None
             if teacher and main_process:
                 cam = _teacher_cam_agreement(path, teacher, data, run_config, cache_dir)
-            single = read_metadata(path)["metrics"].get(f"{result.evaluated_on}_top1_single_view")
+            written = read_metadata(path)
+            single = written["metrics"].get(f"{result.evaluated_on}_top1_single_view")
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                             result.evaluated_on, cam, single))
+                             result.evaluated_on, cam, single, written["weights_dtype"]))
             if main_process:
                 save_results(results_path, rows)
             write_summary()
@@ -340,13 +347,14 @@ def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: T
 
 def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
          teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None,
-         single_view: float | None = None) -> dict:
+         single_view: float | None = None, weights_dtype: str = "float32") -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
-    what ``top1`` was measured on (test, or a validation split held out of train/)."""
+    what ``top1`` was measured on (test, or a validation split held out of train/); ``weights_dtype``
+    how the scored checkpoint stores its weights (rows without it, from before, were float32)."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
             "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
             "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256,
-            "cam_correlation": cam_correlation,
+            "cam_correlation": cam_correlation, "weights_dtype": weights_dtype,
             **({"top1_single_view": round(single_view, 2)} if single_view is not None else {})}  # a TTA net's one pass

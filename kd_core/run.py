@@ -120,7 +120,9 @@ def evaluate_final(model: models.Classifier, data: DataBundle, device: torch.dev
     predicts with test-time augmentation, its single-view top-1 beside them)."""
     logits, single = predict_views(model, data.test.images, data.mean, data.std, device=device)
     report = classification_report(logits, data.test.labels)
-    return report if single is None else {**report, "top1_single_view": classification_report(single, data.test.labels)["top1"]}
+    if single is not None:  # the net predicts with test-time augmentation: its one-pass top-1 beside it
+        report["top1_single_view"] = classification_report(single, data.test.labels)["top1"]
+    return report
 
 
 def run(spec: RunSpec, callbacks: Iterable[Callback] = (), stop_hook=None) -> tuple[TrainResult, Path | None]:

@@ -105,25 +105,39 @@ def test_a_study_folder_resumes_on_another_device(tmp_path):
 
 
 def test_a_run_stored_at_another_weights_dtype_is_neither_resumed_nor_reused(tmp_path):
-    """digits-mlp-ce now stores float16 weights; its study rows and checkpoints from when it stored
-    float32 (a row without the field is float32) were scored on other weights, so a study of the
-    recipe refuses the old folder and reuses no such checkpoint."""
+    """digits-mlp-ce now stores float16 weights; a study row or checkpoint from when it stored float32
+    was scored on other weights, so a study of the recipe refuses the old folder and reuses no such
+    checkpoint. A row written before rows recorded the dtype is judged by its checkpoint in the folder,
+    if there; with neither, it is taken as it stands."""
+    from kd_core import models
+    from kd_core.checkpoint import save_checkpoint
+
     recipe = recipes.get("digits-mlp-ce")
     assert recipe.weights_dtype == "float16"
     row = {"variant": "recipe", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0, "top1": 99.16,
            "split": "test", "train_seconds": 6.0, "checkpoint": "x.safetensors",
            "config": recipe.config.to_json(), "teacher_sha256": None, "cam_correlation": None}
-    (tmp_path / "results.json").write_text(json.dumps([row]))
-    with pytest.raises(ValueError, match="holds a recipe run .seed 0. scored with float32 weights, and the recipe "
-                                         "now stores float16; give the study another --output folder"):
-        run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
-    (tmp_path / "results.json").write_text(json.dumps([{**row, "weights_dtype": "float16"}]))
-    summary = run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
-    assert "| recipe | 1·ce | - | 0 | **99.16** |" in summary
+
+    def study(rows):
+        (tmp_path / "results.json").write_text(json.dumps(rows))
+        return run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
+
+    refused = ("holds a recipe run .seed 0. scored with float32 weights, and the recipe now stores float16; "
+               "give the study another --output folder")
+    with pytest.raises(ValueError, match=refused):
+        study([{**row, "weights_dtype": "float32"}])
+    assert "| recipe | 1·ce | - | 0 | **99.16** |" in study([{**row, "weights_dtype": "float16"}])
+    assert "| recipe | 1·ce | - | 0 | **99.16** |" in study([row])  # no dtype, no checkpoint: unknown
+    mlp = models.create("mlp", num_classes=10, in_channels=1, input_size=8)
+    meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, "in_channels": 1, "input_size": 8},
+            "data": {"source": recipe.data, "input_size": [1, 8, 8]}, "config": recipe.config.to_dict(),
+            "teacher": None}
+    save_checkpoint(tmp_path / "x.safetensors", mlp, dict(meta))  # float32, as the recipe stored it before
+    with pytest.raises(ValueError, match=refused):
+        study([row])
 
     config = json.loads(json.dumps(recipe.config.to_dict()))
-    meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, "in_channels": 1, "input_size": 8},
-            "data": {"source": recipe.data}, "config": config, "teacher": None}
+    meta = {**meta, "config": config}
     assert matching_checkpoint([(Path("old"), meta)], recipe, config, recipe.data, None) is None
     stored = {**meta, "weights_dtype": "float16"}
     assert matching_checkpoint([(Path("new"), stored)], recipe, config, recipe.data, None) == (Path("new"), stored)

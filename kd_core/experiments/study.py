@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ..checkpoint import load_checkpoint, read_metadata, weights_sha256
+from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, weights_sha256
 from ..files import write_atomically
 from ..training import Callback, TrainConfig
 from ..training.config import changed_settings, with_overrides
@@ -282,10 +282,11 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) distilled from other "
                                  f"weights of {Path(teacher).name}; give the study another --output folder")
-            if done and done[0].get("weights_dtype", "float32") != recipe.weights_dtype:
-                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) scored with "
-                                 f"{done[0].get('weights_dtype', 'float32')} weights, and the recipe now stores "
-                                 f"{recipe.weights_dtype}; give the study another --output folder")
+            stored = _stored_dtype(folder, done[0]) if done else None
+            if stored not in (None, recipe.weights_dtype):
+                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) scored with {stored} "
+                                 f"weights, and the recipe now stores {recipe.weights_dtype}; give the study another "
+                                 "--output folder")
             if done:
                 continue
             name = f"{recipe.name}-{variant.slug}-s{seed}"
@@ -327,6 +328,19 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     return write_summary()
 
 
+def _stored_dtype(folder: Path, row: dict) -> str | None:
+    """How the checkpoint a results row scored stores its weights: recorded in the row, else (a row
+    written before rows recorded it) read from that checkpoint in the study folder; None when neither
+    says (a reused checkpoint lives elsewhere)."""
+    if "weights_dtype" in row:
+        return row["weights_dtype"]
+    path = folder / row["checkpoint"]
+    try:
+        return read_metadata(path).get("weights_dtype", "float32") if path.is_file() else None
+    except CheckpointError:
+        return None
+
+
 def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: TrainConfig,
                            cache_dir: Path | None) -> float | None:
     """Mean correlation of a run's CAMs with the study's teacher's, on the split it was scored on
@@ -351,7 +365,7 @@ def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float,
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
     what ``top1`` was measured on (test, or a validation split held out of train/); ``weights_dtype``
-    how the scored checkpoint stores its weights (rows without it, from before, were float32)."""
+    how the scored checkpoint stores its weights."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
             "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,

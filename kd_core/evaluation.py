@@ -37,7 +37,7 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[f
     views: :meth:`~kd_core.models.base.Classifier.set_tta`), its single-view logits beside them, from
     the same passes (the image itself is the first view); None for a model without it, whose logits
     are already single-view."""
-    from .models.base import tta_views, view_mean
+    from .models.base import tta_view_list, view_mean
 
     if not getattr(model, "flip_tta", False):
         return predict(model, images, mean, std, batch_size, device, amp_dtype), None
@@ -49,8 +49,8 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[f
     try:
         with autocast:
             for chunk in images.split(batch_size):
-                views, weights = tta_views(normalize(chunk.to(device), mean, std), model.translate_tta)
-                logits = torch.cat([model.single_pass(view) for view in views.split(len(chunk))]).float()
+                views, weights = tta_view_list(normalize(chunk.to(device), mean, std), model.translate_tta)
+                logits = torch.cat([model.single_pass(view).float() for view in views])
                 single.append(logits[:len(chunk)].cpu())
                 mixed.append(view_mean(logits, weights).cpu())
     finally:

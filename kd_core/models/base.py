@@ -33,9 +33,9 @@ def shifted_mirror_mean(single_pass, x: torch.Tensor) -> torch.Tensor:
 BATCHED_TTA_MAX = 64  # views of a few images (an upload being explained) go through the net as one batch
 
 
-def tta_views(x: torch.Tensor, translate: bool) -> tuple[torch.Tensor, list[float]]:
-    """Every test-time-augmentation view of ``x`` ``(B, C, H, W)`` as one batch ``(V * B, C, H, W)``,
-    the image itself first, and each view's weight in the mean."""
+def tta_view_list(x: torch.Tensor, translate: bool) -> tuple[list[torch.Tensor], list[float]]:
+    """Every test-time-augmentation view of ``x`` ``(B, C, H, W)``, the image itself first, and each
+    view's weight in the mean."""
     views, weights = [x, x.flip(-1)], [0.5, 0.5]
     if translate:
         height, width = x.shape[-2:]
@@ -43,6 +43,12 @@ def tta_views(x: torch.Tensor, translate: bool) -> tuple[torch.Tensor, list[floa
         up_left, down_right = padded[..., :height, :width], padded[..., 2:, 2:]
         views += [up_left, up_left.flip(-1), down_right, down_right.flip(-1)]
         weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    return views, weights
+
+
+def tta_views(x: torch.Tensor, translate: bool) -> tuple[torch.Tensor, list[float]]:
+    """:func:`tta_view_list` as one batch ``(V * B, C, H, W)``."""
+    views, weights = tta_view_list(x, translate)
     return torch.cat(views), weights
 
 

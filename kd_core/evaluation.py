@@ -29,7 +29,23 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
     return torch.cat(outputs)
 
 
-@torch.no_grad()
+class _MeanAndFirstView(torch.nn.Module):
+    """A classifier with test-time augmentation as a net whose logits ``(B, 2K)`` are its mean over the
+    views and, beside them, its first view's (the image itself), from one pass per view."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.training = model.training  # so that predict puts the model back in the mode it found it in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .models.base import tta_view_list, view_mean
+
+        views, weights = tta_view_list(x, self.model.translate_tta)
+        logits = torch.cat([self.model.single_pass(view).float() for view in views])
+        return torch.cat([view_mean(logits, weights), logits[:len(x)]], dim=1)
+
+
 def predict_views(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                   batch_size: int = 1000, device: torch.device | str = "cpu",
                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -37,25 +53,11 @@ def predict_views(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[f
     views: :meth:`~kd_core.models.base.Classifier.set_tta`), its single-view logits beside them, from
     the same passes (the image itself is the first view); None for a model without it, whose logits
     are already single-view."""
-    from .models.base import tta_view_list, view_mean
-
     if not getattr(model, "flip_tta", False):
         return predict(model, images, mean, std, batch_size, device, amp_dtype), None
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    mixed, single = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    try:
-        with autocast:
-            for chunk in images.split(batch_size):
-                views, weights = tta_view_list(normalize(chunk.to(device), mean, std), model.translate_tta)
-                logits = torch.cat([model.single_pass(view).float() for view in views])
-                single.append(logits[:len(chunk)].cpu())
-                mixed.append(view_mean(logits, weights).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(mixed), torch.cat(single)
+    both = predict(_MeanAndFirstView(model), images, mean, std, batch_size, device, amp_dtype)
+    mixed, single = both.chunk(2, dim=1)
+    return mixed.contiguous(), single.contiguous()
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -143,6 +143,39 @@ def test_a_run_stored_at_another_weights_dtype_is_neither_resumed_nor_reused(tmp
     assert matching_checkpoint([(Path("new"), stored)], recipe, config, recipe.data, None) == (Path("new"), stored)
 
 
+def test_a_run_of_another_architecture_or_test_time_augmentation_is_not_resumed(tmp_path):
+    """tiny-titans-ce now predicts with level-2 TTA; a study row from when it did not scored other
+    predictions, so a study of the recipe refuses the old folder, whether the row records the
+    architecture or (written before rows recorded it) its checkpoint in the folder says it."""
+    from kd_core import models
+    from kd_core.checkpoint import save_checkpoint
+
+    recipe = recipes.get("tiny-titans-ce")
+    assert recipe.arch_args == {"flip_tta": True, "translate_tta": True}
+    row = {"variant": "recipe", "seed": 0, "loss_weights": {"ce": 1.0}, "temperature": 4.0, "top1": 86.31,
+           "split": "test", "train_seconds": 6.0, "checkpoint": "x.safetensors", "weights_dtype": "float16",
+           "config": recipe.config.to_json(), "teacher_sha256": None, "cam_correlation": None}
+
+    def study(rows):
+        (tmp_path / "results.json").write_text(json.dumps(rows))
+        return run_study("seeds", recipe, recipe.config, tmp_path, [0], None, recipe.data, log=lambda line: None)
+
+    refused = (r"holds a recipe run .seed 0. of tiny_titans_cnn\(\), and the recipe now builds "
+               r"tiny_titans_cnn\(flip_tta=True, translate_tta=True\); give the study another --output folder")
+    with pytest.raises(ValueError, match=refused):
+        study([{**row, "architecture": {"arch": "tiny_titans_cnn", "arch_args": {}}}])
+    built = {"arch": "tiny_titans_cnn", "arch_args": {"flip_tta": True, "translate_tta": True}}
+    assert "| recipe | 1·ce | - | 0 | **86.31** |" in study([{**row, "architecture": built}])
+    assert "| recipe | 1·ce | - | 0 | **86.31** |" in study([row])  # neither row nor checkpoint says
+    net = models.create("tiny_titans_cnn", num_classes=10)
+    meta = {"arch": recipe.arch, "arch_args": {"num_classes": 10, "in_channels": 3, "input_size": 32},
+            "data": {"source": recipe.data}, "config": recipe.config.to_dict(), "teacher": None,
+            "weights_dtype": "float16"}
+    save_checkpoint(tmp_path / "x.safetensors", net, meta)  # as the recipe trained it before: one view
+    with pytest.raises(ValueError, match=refused):
+        study([row])
+
+
 def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "data", ["cat", "dog", "frog"], {"train": 12, "test": 6}, size=32)
@@ -159,6 +192,8 @@ def test_ablation_and_seed_studies_end_to_end(capsys, tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "ablation" / "results.json").read_text())
     assert [row["variant"] for row in rows] == ["CE only", "KD", "CAM", "KD + CAM", "KD + feature"]
     assert all(0 <= row["top1"] <= 100 and row["epochs"] == 1 and row["limit"] == 24 for row in rows)
+    assert all(row["architecture"] == {"arch": "camnet_rep", "arch_args": {"flip_tta": True, "translate_tta": True}}
+               for row in rows)  # what each checkpoint was trained as
     assert sorted(p.name for p in (tmp_path / "ablation").glob("*.safetensors")) == sorted(
         f"camnet-kd-cam-{slug}-s0.safetensors" for slug in ["ceonly", "kd", "cam", "kd-cam", "kd-feature"])
     assert out.startswith("**ablation study of recipe camnet-kd-cam (camnet_rep, 1 epochs, teacher teacher)")

@@ -255,6 +255,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                 if kind == "gain" and twin_overrides else ""))
 
     labels = {variant.label for variant in variants}
+    architecture = {"arch": recipe.arch, "arch_args": json.loads(json.dumps(recipe.arch_args))}
 
     def write_summary() -> str:
         if not main_process:
@@ -282,10 +283,15 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             if done and done[0].get("teacher_sha256", run_teacher) != run_teacher:
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) distilled from other "
                                  f"weights of {Path(teacher).name}; give the study another --output folder")
-            stored = _stored_dtype(folder, done[0]) if done else None
+            stored = _recorded(folder, done[0], "weights_dtype", _weights_dtype) if done else None
             if stored not in (None, recipe.weights_dtype):
                 raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) scored with {stored} "
                                  f"weights, and the recipe now stores {recipe.weights_dtype}; give the study another "
+                                 "--output folder")
+            built = _recorded(folder, done[0], "architecture", _architecture) if done else None
+            if built not in (None, architecture):
+                raise ValueError(f"{results_path} holds a {variant.label} run (seed {seed}) of {_describe(built)}, "
+                                 f"and the recipe now builds {_describe(architecture)}; give the study another "
                                  "--output folder")
             if done:
                 continue
@@ -298,7 +304,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                        if teacher and main_process else None)  # measured as for a run trained here
                 rows.append(_row(variant.label, run_config, meta["metrics"][f"{split}_top1"], meta["train_seconds"],
                                  path, run_teacher, split, cam, meta["metrics"].get(f"{split}_top1_single_view"),
-                                 recipe.weights_dtype))
+                                 recipe.weights_dtype, architecture))
                 if main_process:
                     save_results(results_path, rows)
                 write_summary()
@@ -320,7 +326,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             written = read_metadata(path)
             single = written["metrics"].get(f"{result.evaluated_on}_top1_single_view")
             rows.append(_row(variant.label, run_config, result.test_top1, result.train_seconds, path, run_teacher,
-                             result.evaluated_on, cam, single, written["weights_dtype"]))
+                             result.evaluated_on, cam, single, written["weights_dtype"], _architecture(written)))
             if main_process:
                 save_results(results_path, rows)
             write_summary()
@@ -328,17 +334,33 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     return write_summary()
 
 
-def _stored_dtype(folder: Path, row: dict) -> str | None:
-    """How the checkpoint a results row scored stores its weights: recorded in the row, else (a row
-    written before rows recorded it) read from that checkpoint in the study folder; None when neither
-    says (a reused checkpoint lives elsewhere)."""
-    if "weights_dtype" in row:
-        return row["weights_dtype"]
+def _recorded(folder: Path, row: dict, field: str, read: Callable[[dict], Any]) -> Any:
+    """What a results row records in ``field`` about the checkpoint it scored; for a row written
+    before rows recorded it, ``read`` from that checkpoint's metadata in the study folder; None when
+    neither says (a reused checkpoint lives elsewhere)."""
+    if field in row:
+        return row[field]
     path = folder / row["checkpoint"]
     try:
-        return read_metadata(path).get("weights_dtype", "float32") if path.is_file() else None
+        return read(read_metadata(path)) if path.is_file() else None
     except CheckpointError:
         return None
+
+
+def _weights_dtype(meta: dict) -> str:
+    return meta.get("weights_dtype", "float32")
+
+
+def _architecture(meta: dict) -> dict:
+    """The architecture a checkpoint was trained as and its arguments (test-time augmentation
+    included), as a results row records it."""
+    arch, arch_args = trained_architecture(meta)
+    return {"arch": arch, "arch_args": arch_args}
+
+
+def _describe(architecture: dict) -> str:
+    args = ", ".join(f"{key}={value}" for key, value in sorted(architecture["arch_args"].items()))
+    return f"{architecture['arch']}({args})"
 
 
 def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: TrainConfig,
@@ -361,14 +383,16 @@ def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: T
 
 def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
          teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None,
-         single_view: float | None = None, weights_dtype: str = "float32") -> dict:
+         single_view: float | None = None, weights_dtype: str = "float32",
+         architecture: dict | None = None) -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
     what ``top1`` was measured on (test, or a validation split held out of train/); ``weights_dtype``
-    how the scored checkpoint stores its weights."""
+    how the scored checkpoint stores its weights, ``architecture`` what it is (:func:`_architecture`)."""
     return {"variant": label, "seed": config.seed, "loss_weights": config.loss_weights,
             "temperature": config.temperature, "top1": round(accuracy, 2), "split": split,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
             "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256,
             "cam_correlation": cam_correlation, "weights_dtype": weights_dtype,
+            **({"architecture": architecture} if architecture is not None else {}),
             **({"top1_single_view": round(single_view, 2)} if single_view is not None else {})}  # a TTA net's one pass

@@ -212,14 +212,17 @@ _add(Recipe("resnet18", "resnet18", "teacher", replace(_SMALL, epochs=34, lr=0.1
             published="Tiny-Titans: ResNet-18 88.28%", weights_dtype="float16"))
 # The student, BN-free like lightnn, so lightnn-kd's optimizer (lr 0.03, gradients clipped to norm 5;
 # its twin at lr 0.05): Hinton KD at T=4 and a FitNets hint from ResNet-18's last feature map (its
-# 8x8 map pooled to the teacher's 2x2, through a 1x1-conv adapter), from an 8-view bank with mirrors.
+# 8x8 map pooled to the teacher's 2x2, through a 1x1-conv adapter), from an 8-view bank with mirrors;
+# level-2 TTA like its teacher.
 _TITANS_KD = replace(_LIGHTNN_KD, teacher_views=8, loss_weights={"ce": 0.25, "kd": 0.75, "feature": 1.0})
+_TITANS_ARGS = {"flip_tta": True, "translate_tta": True}
 _add(Recipe("tiny-titans-ce", "tiny_titans_cnn", "student", replace(_TITANS_KD, lr=0.05, loss_weights={"ce": 1.0}),
             "the Tiny-Titans small CNN, cross-entropy only: tiny-titans-kd without its teacher, at lr 0.05",
-            weights_dtype="float16"))
+            arch_args=_TITANS_ARGS, weights_dtype="float16"))
 _add(Recipe("tiny-titans-kd", "tiny_titans_cnn", "student", _TITANS_KD,
             "the Tiny-Titans small CNN distilled from resnet18: logit matching (KD) and feature matching (hint)",
-            teacher="resnet18", published="Tiny-Titans: small CNN 84.58%", weights_dtype="float16"))
+            teacher="resnet18", arch_args=_TITANS_ARGS, published="Tiny-Titans: small CNN 84.58%",
+            weights_dtype="float16"))
 
 # The ResNet-50 -> MobileNetV2 source project. ResNet-50 with the 3x3 stride-2 stem (0.32 GMACs; 124
 # training images/s on the 2-core CPU, 29 with the stride-1 stem) for 10 epochs, level-2 TTA; at

@@ -94,10 +94,13 @@ class MLP(Classifier):
 
 
 class TinyTitansCNN(Classifier):
-    """The ResNet-18 -> small-CNN project's student (2,193,226 parameters for 32x32 RGB)."""
+    """The ResNet-18 -> small-CNN project's student (2,193,226 parameters for 32x32 RGB).
+    ``flip_tta``/``translate_tta``: test-time augmentation of its predictions (:meth:`Classifier.set_tta`)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32, flip_tta: bool = False,
+                 translate_tta: bool = False):
         super().__init__()
+        self.set_tta(flip_tta, translate_tta)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),

@@ -221,8 +221,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary.
     ``callbacks(run_name)`` gives each run's callbacks.
 
-    ``folder/results.md`` is rewritten after every finished run, its title naming the runs still to
-    come, so a study stopped halfway leaves a table of what it has.
+    The runs go seed by seed (every variant of seed 0, then of seed 1, ...), and ``folder/results.md``
+    is rewritten after every finished run, its title naming the runs still to come, so a study
+    stopped halfway leaves a table of what it has, its gains paired.
 
     Under torchrun every process calls this and trains each run's share; the first process alone
     writes the results and measures CAM agreement (the others return an empty string)."""
@@ -270,8 +271,8 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
         write_atomically(folder / "results.md", (summary + "\n").encode())
         return summary
 
-    for variant in variants:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a study stopped halfway leaves whole pairs (or ablations) behind
+        for variant in variants:
             run_config = replace(variant.config, seed=seed)
             distils = bool(set(run_config.loss_weights) - {"ce"})
             run_teacher = teacher_sha256 if distils else None

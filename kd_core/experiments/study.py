@@ -263,7 +263,7 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             return ""
         chosen = [row for row in rows if row["variant"] in labels and row["seed"] in seeds]
         recorded = {(row["variant"], row["seed"]) for row in chosen}
-        pending = [f"{v.label} (seed {seed})" for v in variants for seed in seeds if (v.label, seed) not in recorded]
+        pending = [f"{v.label} (seed {seed})" for seed in seeds for v in variants if (v.label, seed) not in recorded]
         full_title = title + (f"; not yet run: {', '.join(pending)}" if pending else "")
         summary = summarize(chosen, full_title)
         if kind == "gain":

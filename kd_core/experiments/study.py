@@ -383,9 +383,8 @@ def _teacher_cam_agreement(checkpoint: Path, teacher: Path, data: str, config: T
 
 
 def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float, checkpoint: Path,
-         teacher_sha256: str | None, split: str = "test", cam_correlation: float | None = None,
-         single_view: float | None = None, weights_dtype: str = "float32",
-         architecture: dict | None = None) -> dict:
+         teacher_sha256: str | None, split: str, cam_correlation: float | None,
+         single_view: float | None, weights_dtype: str, architecture: dict) -> dict:
     """One results.json row; ``teacher_sha256`` (None for CE-only runs) is the teacher's weights, so
     rows distilled from a retrained teacher are never mixed into the same table; ``split`` says
     what ``top1`` was measured on (test, or a validation split held out of train/); ``weights_dtype``
@@ -395,5 +394,5 @@ def _row(label: str, config: TrainConfig, accuracy: float, train_seconds: float,
             "train_seconds": round(train_seconds, 1), "epochs": config.epochs, "limit": config.limit,
             "checkpoint": checkpoint.name, "config": config.to_dict(), "teacher_sha256": teacher_sha256,
             "cam_correlation": cam_correlation, "weights_dtype": weights_dtype,
-            **({"architecture": architecture} if architecture is not None else {}),
+            "architecture": architecture,
             **({"top1_single_view": round(single_view, 2)} if single_view is not None else {})}  # a TTA net's one pass

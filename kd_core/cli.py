@@ -291,6 +291,32 @@ def _callbacks(log_dir: Path | None, stream=None) -> list:
     return callbacks
 
 
+class StopOnSignal:
+    """The ``stop_hook`` of a command that trains: Ctrl-C (SIGINT) or SIGTERM asks the running trainer
+    to stop after its current step, keeping its per-epoch state for a rerun to resume; a run that
+    starts after the signal (a study's next run) stops before its first step; a second signal stops
+    at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.trainer = None
+
+    def __call__(self, trainer) -> None:
+        self.trainer = trainer
+        if self.requested:
+            trainer.request_stop()
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nstopping after this step (signal {signum}; again to stop at once); rerun the same command to resume",
+              file=sys.stderr)
+        self.trainer.request_stop()
+
+
 def _train(args: argparse.Namespace, distill: bool) -> int:
     from .run import run
 
@@ -301,14 +327,7 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
         shutil.rmtree(run_dir)
     distributed.barrier()  # no process looks for resumable state before --fresh removed it
 
-    def install_stop(trainer) -> None:
-        def stop(signum, frame):
-            print(f"\nstopping after this step (signal {signum}); rerun the same command to resume", file=sys.stderr)
-            trainer.request_stop()
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-
-    result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=install_stop)
+    result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=StopOnSignal())
     if path is None:
         if main_process:
             print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
@@ -453,7 +472,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .experiments.study import run_study
+    from .experiments.study import StudyStopped, run_study
 
     main_process = distributed.is_main()  # under torchrun, one process prints and logs for the study
     recipe = recipes.get(args.recipe)
@@ -469,12 +488,18 @@ def _study(args: argparse.Namespace) -> int:
         raise UsageError("temperatures must be > 0")
     teacher = args.teacher or (CHECKPOINT_DIR / f"{recipe.teacher}.safetensors" if recipe.teacher else None)
     folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
-    summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
-                        cache_dir=args.cache_dir, temperatures=args.temperatures, feature_weight=args.feature_weight,
-                        callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr)
-                        if main_process else [],
-                        log=lambda line: print(line, file=sys.stderr) if main_process else None,
-                        reuse=args.reuse, twin_overrides=twin_overrides)
+    try:
+        summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
+                            cache_dir=args.cache_dir, temperatures=args.temperatures,
+                            feature_weight=args.feature_weight,
+                            callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr)
+                            if main_process else [],
+                            log=lambda line: print(line, file=sys.stderr) if main_process else None,
+                            reuse=args.reuse, twin_overrides=twin_overrides, stop_hook=StopOnSignal())
+    except StudyStopped as stopped:
+        if main_process:
+            print(f"{stopped}; rerun the same command to resume", file=sys.stderr)
+        return 130
     if main_process:
         print(summary)
     return 0

@@ -3,7 +3,9 @@ an ablation + seeds study end to end on a tiny image folder (resumable, refusing
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -12,9 +14,10 @@ import pytest
 
 from helpers import write_image_folder
 from kd_core.experiments import recipes
-from kd_core.cli import main
-from kd_core.experiments.study import (ablation_variants, matching_checkpoint, run_study, summarize, temperature_variants,
-                           variants_for)
+from kd_core import cli
+from kd_core.cli import StopOnSignal, main
+from kd_core.experiments.study import (StudyStopped, ablation_variants, matching_checkpoint, run_study, summarize,
+                                      temperature_variants, variants_for)
 from kd_core.checkpoint import read_metadata
 from kd_core.training import Callback
 
@@ -281,7 +284,7 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
 
     study = dict(kind="seeds", recipe=recipe, config=config, folder=tmp_path / "seeds", seeds=(0, 1), teacher=None,
                  data=f"folder:{tmp_path / 'data'}", cache_dir=tmp_path / "cache", log=lambda line: None)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(StudyStopped, match=r"stopped camnet-ce-recipe-s1 after 0 epoch\(s\); its state is kept in "):
         run_study(**study, callbacks=stop_the_second_run)
     partial = (tmp_path / "seeds" / "results.md").read_text()
     assert partial.startswith("**seeds study of recipe camnet-ce (camnet, 1 epochs), data folder:")
@@ -293,6 +296,53 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
     assert (tmp_path / "seeds" / "results.md").read_text() == summary + "\n"
     assert "not yet run" not in summary and "| recipe | 1·ce | - | 0, 1 |" in summary
     assert not list((tmp_path / "seeds").glob("*.tmp"))
+
+
+def test_ctrl_c_stops_a_study_after_the_step_and_the_same_command_resumes_it(capsys, tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "data", ["cat", "dog"], {"train": 8, "test": 4}, size=32)
+    argv = ["study", "seeds", "--recipe", "camnet-ce", "--seeds", "0", "--epochs", "1", "--limit", "16",
+            "--data", f"folder:{tmp_path / 'data'}", "--cache-dir", str(tmp_path / "cache"),
+            "--output", str(tmp_path / "study")]
+
+    class CtrlCAsTheRunStarts(StopOnSignal):
+        def __call__(self, trainer):
+            super().__call__(trainer)
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled by the installed handler
+
+    monkeypatch.setattr(cli, "StopOnSignal", CtrlCAsTheRunStarts)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopping after this step (signal 2; again to stop at once)" in err and "Traceback" not in err
+    assert (f"stopped camnet-ce-recipe-s0 after 0 epoch(s); its state is kept in {tmp_path / 'study' / 'camnet-ce-recipe-s0'}"
+            "; rerun the same command to resume") in err
+    assert not (tmp_path / "study" / "camnet-ce-recipe-s0.safetensors").exists()
+
+    monkeypatch.setattr(cli, "StopOnSignal", StopOnSignal)
+    assert main(argv) == 0
+    assert "| recipe | 1·ce | - | 0 |" in capsys.readouterr().out
+    assert (tmp_path / "study" / "camnet-ce-recipe-s0.safetensors").exists()
+
+
+def test_a_signal_stops_the_running_trainer_and_every_later_run_and_a_second_one_stops_at_once(monkeypatch):
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.__setitem__(signum, handler))
+
+    class Trainer:
+        stop_requested = False
+
+        def request_stop(self):
+            self.stop_requested = True
+
+    hook, running = StopOnSignal(), Trainer()
+    hook(running)
+    assert set(installed) == {signal.SIGINT, signal.SIGTERM} and not running.stop_requested
+    installed[signal.SIGTERM](signal.SIGTERM, None)
+    assert running.stop_requested
+    later = Trainer()
+    hook(later)  # e.g. the study's next run, started while the first was measured
+    assert later.stop_requested
+    with pytest.raises(KeyboardInterrupt):
+        installed[signal.SIGINT](signal.SIGINT, None)
 
 
 def test_study_errors(capsys, tmp_path, monkeypatch):

@@ -47,6 +47,10 @@ class Variant:
         return self.label.replace(" ", "").replace("+", "-").replace("=", "").lower()
 
 
+class StudyStopped(Exception):
+    """A run of the study was asked to stop before it finished (its resumable state is kept)."""
+
+
 def ablation_variants(config: TrainConfig, feature_weight: float = 1.0) -> list[Variant]:
     """CE only, KD, CAM, KD + CAM, KD + feature, with the recipe's own weights.
 
@@ -217,9 +221,12 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
               teacher: Path | None, data: str, cache_dir: Path | None = None,
               temperatures: Iterable[float] = (1, 2, 3, 4, 6, 8), feature_weight: float = 1.0,
               callbacks: Callable[[str], list[Callback]] = lambda name: [], log: Callable[[str], None] = print,
-              reuse: Iterable[Path] = (), twin_overrides: Mapping[str, Any] | None = None) -> str:
+              reuse: Iterable[Path] = (), twin_overrides: Mapping[str, Any] | None = None,
+              stop_hook: Callable | None = None) -> str:
     """Run every variant x seed not yet in ``folder/results.json``; return the Markdown summary.
-    ``callbacks(run_name)`` gives each run's callbacks.
+    ``callbacks(run_name)`` gives each run's callbacks; ``stop_hook(trainer)`` is called as each run's
+    trainer starts (see ``run``). A run stopped early raises ``StudyStopped``; its state stays in the
+    folder and the same call resumes it.
 
     The runs go seed by seed (every variant of seed 0, then of seed 1, ...), and ``folder/results.md``
     is rewritten after every finished run, its title naming the runs still to come, so a study
@@ -317,9 +324,10 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
                                    output=folder / f"{name}.safetensors",
                                    state_path=folder / name / "resume.safetensors", cache_dir=cache_dir)
             log(f"{kind}: {variant.label}, seed {seed}")
-            result, path = run(spec, callbacks=callbacks(name))
+            result, path = run(spec, callbacks=callbacks(name), stop_hook=stop_hook)
             if path is None:
-                raise KeyboardInterrupt
+                raise StudyStopped(f"stopped {name} after {result.epochs_done} epoch(s); its state is kept in "
+                                   f"{spec.state_path.parent}")
             # every process records the run (so that all agree on what is done); the first measures and saves
             cam = None
             if teacher and main_process:

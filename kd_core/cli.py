@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import sys
+import weakref
 from pathlib import Path
 
 from . import distributed, models
@@ -292,21 +293,30 @@ def _callbacks(log_dir: Path | None, stream=None) -> list:
 
 
 class StopOnSignal:
-    """The ``stop_hook`` of a command that trains: Ctrl-C (SIGINT) or SIGTERM asks the running trainer
-    to stop after its current step, keeping its per-epoch state for a rerun to resume; a run that
-    starts after the signal (a study's next run) stops before its first step; a second signal stops
-    at once."""
+    """Ctrl-C (SIGINT) and SIGTERM for a command that trains, as a context manager whose instance is
+    ``run``'s ``stop_hook``: a signal asks the running trainer to stop after its current step,
+    keeping its per-epoch state for a rerun to resume; a run that starts after it (a study's next run)
+    stops before its first step; a second signal stops at once. The handlers hold no trainer past
+    its run (a weak reference) and are put back on exit."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.trainer = None
+        self._trainer = lambda: None
+        self._saved = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
 
     def __call__(self, trainer) -> None:
-        self.trainer = trainer
+        self._trainer = weakref.ref(trainer)
         if self.requested:
             trainer.request_stop()
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -314,7 +324,9 @@ class StopOnSignal:
         self.requested = True
         print(f"\nstopping after this step (signal {signum}; again to stop at once); rerun the same command to resume",
               file=sys.stderr)
-        self.trainer.request_stop()
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer.request_stop()
 
 
 def _train(args: argparse.Namespace, distill: bool) -> int:
@@ -327,7 +339,8 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
         shutil.rmtree(run_dir)
     distributed.barrier()  # no process looks for resumable state before --fresh removed it
 
-    result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=StopOnSignal())
+    with StopOnSignal() as stop_hook:
+        result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=stop_hook)
     if path is None:
         if main_process:
             print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
@@ -489,13 +502,14 @@ def _study(args: argparse.Namespace) -> int:
     teacher = args.teacher or (CHECKPOINT_DIR / f"{recipe.teacher}.safetensors" if recipe.teacher else None)
     folder = args.output or Path("runs") / "study" / f"{recipe.name}-{args.kind}"
     try:
-        summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
-                            cache_dir=args.cache_dir, temperatures=args.temperatures,
-                            feature_weight=args.feature_weight,
-                            callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr)
-                            if main_process else [],
-                            log=lambda line: print(line, file=sys.stderr) if main_process else None,
-                            reuse=args.reuse, twin_overrides=twin_overrides, stop_hook=StopOnSignal())
+        with StopOnSignal() as stop_hook:
+            summary = run_study(args.kind, recipe, config, folder, args.seeds, teacher, args.data or recipe.data,
+                                cache_dir=args.cache_dir, temperatures=args.temperatures,
+                                feature_weight=args.feature_weight,
+                                callbacks=lambda name: _callbacks(args.log_dir and args.log_dir / name, sys.stderr)
+                                if main_process else [],
+                                log=lambda line: print(line, file=sys.stderr) if main_process else None,
+                                reuse=args.reuse, twin_overrides=twin_overrides, stop_hook=stop_hook)
     except StudyStopped as stopped:
         if main_process:
             print(f"{stopped}; rerun the same command to resume", file=sys.stderr)

@@ -219,6 +219,61 @@ def test_a_killed_process_fails_the_run_and_its_state_resumes_on_one_or_two(benc
         torch.testing.assert_close(both[name], one[name], rtol=1e-4, atol=1e-5)
 
 
+# The CLI, process 1 sending itself SIGTERM in the second epoch's first step (4 steps an epoch).
+SIGTERM_ON_RANK_1 = '''
+import os
+import signal
+import sys
+
+from kd_core import distributed
+from kd_core.cli import main
+from kd_core.training import engine
+
+train_step = engine.Trainer._train_step
+
+
+def step_then_signal(self, *args):
+    out = train_step(self, *args)
+    if distributed.rank() == 1 and self.global_step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+
+engine.Trainer._train_step = step_then_signal
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_the_run_resumes(bench, tmp_path, capsys):
+    (tmp_path / "signal_rank1.py").write_text(SIGTERM_ON_RANK_1)
+    argv = ["train", "--model", "camnet", "--data", f"folder:{bench / 'data'}", "--epochs", 3, "--batch-size", 8,
+            "--eval-every", 0, "--no-amp", "--output", tmp_path / "run.safetensors", "--run-dir", tmp_path / "run",
+            "--cache-dir", tmp_path / "cache"]
+    port, processes = free_port(), []
+    try:
+        for rank in (0, 1):
+            env = environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), KD_DIST_TIMEOUT_S=str(DIST_TIMEOUT_S))
+            with open(tmp_path / f"rank{rank}.out", "wb") as out, open(tmp_path / f"rank{rank}.err", "wb") as err:
+                processes.append(subprocess.Popen([sys.executable, str(tmp_path / "signal_rank1.py"), *map(str, argv)],
+                                                  cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                                  stderr=err))
+        codes = [process.wait(timeout=LAUNCH_TIMEOUT) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    logs = "".join((tmp_path / f"rank{rank}.err").read_text()[-2000:] for rank in (0, 1))
+    assert codes == [130, 130], logs  # both stopped; neither waited for the other or timed out
+    assert f"stopped after 1 epoch(s); state kept in {tmp_path / 'run'}" in (tmp_path / "rank0.out").read_text()
+    assert "stopping after this step (signal 15" in (tmp_path / "rank1.err").read_text()
+    assert read_state_info(tmp_path / "run" / "resume.safetensors")["epoch"] == 0
+    assert not (tmp_path / "run.safetensors").exists()
+
+    assert main([str(arg) for arg in argv]) == 0  # one process resumes it
+    assert epoch_lines(capsys.readouterr().out)[0].startswith("epoch 2/3:")
+
+
 @pytest.fixture
 def two_process_env(monkeypatch):
     """This test process as rank 0 of two, with a 3-second timeout; its process group removed after."""

@@ -284,7 +284,7 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
 
     study = dict(kind="seeds", recipe=recipe, config=config, folder=tmp_path / "seeds", seeds=(0, 1), teacher=None,
                  data=f"folder:{tmp_path / 'data'}", cache_dir=tmp_path / "cache", log=lambda line: None)
-    with pytest.raises(StudyStopped, match=r"stopped camnet-ce-recipe-s1 after 0 epoch\(s\); its state is kept in "):
+    with pytest.raises(StudyStopped, match="^stopped camnet-ce-recipe-s1 before it finished an epoch$"):
         run_study(**study, callbacks=stop_the_second_run)
     partial = (tmp_path / "seeds" / "results.md").read_text()
     assert partial.startswith("**seeds study of recipe camnet-ce (camnet, 1 epochs), data folder:")
@@ -300,32 +300,47 @@ def test_a_stopped_study_leaves_the_table_of_its_finished_runs(tmp_path):
 
 def test_ctrl_c_stops_a_study_after_the_step_and_the_same_command_resumes_it(capsys, tmp_path, monkeypatch):
     write_image_folder(tmp_path / "data", ["cat", "dog"], {"train": 8, "test": 4}, size=32)
-    argv = ["study", "seeds", "--recipe", "camnet-ce", "--seeds", "0", "--epochs", "1", "--limit", "16",
-            "--data", f"folder:{tmp_path / 'data'}", "--cache-dir", str(tmp_path / "cache"),
+    argv = ["study", "seeds", "--recipe", "camnet-ce", "--seeds", "0", "--epochs", "2", "--limit", "16",
+            "--set", "batch_size=8", "--data", f"folder:{tmp_path / 'data'}", "--cache-dir", str(tmp_path / "cache"),
             "--output", str(tmp_path / "study")]
+    run_dir = tmp_path / "study" / "camnet-ce-recipe-s0"
+    trained = []  # (epoch, step) of every step taken, over both commands
 
-    class CtrlCAsTheRunStarts(StopOnSignal):
-        def __call__(self, trainer):
-            super().__call__(trainer)
-            os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled by the installed handler
+    class Record(Callback):
+        def __init__(self, ctrl_c):
+            self.ctrl_c = ctrl_c
 
-    monkeypatch.setattr(cli, "StopOnSignal", CtrlCAsTheRunStarts)
+        def on_step_end(self, trainer, info):
+            trained.append((info.epoch, info.step))
+            if self.ctrl_c and info.epoch == 1:  # a real SIGINT in the second epoch's first step
+                os.kill(os.getpid(), signal.SIGINT)
+
+    original_handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "_callbacks", lambda log_dir, stream=None: [Record(ctrl_c=True)])
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "stopping after this step (signal 2; again to stop at once)" in err and "Traceback" not in err
-    assert (f"stopped camnet-ce-recipe-s0 after 0 epoch(s); its state is kept in {tmp_path / 'study' / 'camnet-ce-recipe-s0'}"
-            "; rerun the same command to resume") in err
-    assert not (tmp_path / "study" / "camnet-ce-recipe-s0.safetensors").exists()
+    assert (f"stopped camnet-ce-recipe-s0 after 1 epoch(s), its state kept in {run_dir}; rerun the same command "
+            "to resume") in err
+    assert trained == [(0, 0), (0, 1), (1, 0)]  # the step under way finished, no other
+    assert (run_dir / "resume.safetensors").exists() and not (tmp_path / "study" / "results.json").exists()
+    assert signal.getsignal(signal.SIGINT) is original_handler  # the command put its handlers back
 
-    monkeypatch.setattr(cli, "StopOnSignal", StopOnSignal)
+    monkeypatch.setattr(cli, "_callbacks", lambda log_dir, stream=None: [Record(ctrl_c=False)])
     assert main(argv) == 0
+    assert trained[3:] == [(1, 0), (1, 1)]  # resumed: the second epoch again, from its start
     assert "| recipe | 1·ce | - | 0 |" in capsys.readouterr().out
-    assert (tmp_path / "study" / "camnet-ce-recipe-s0.safetensors").exists()
+    assert len(read_metadata(tmp_path / "study" / "camnet-ce-recipe-s0.safetensors")["history"]) == 2
 
 
 def test_a_signal_stops_the_running_trainer_and_every_later_run_and_a_second_one_stops_at_once(monkeypatch):
     installed = {}
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.__setitem__(signum, handler))
+
+    def install(signum, handler):
+        previous, installed[signum] = installed.get(signum, "before"), handler
+        return previous
+
+    monkeypatch.setattr(signal, "signal", install)
 
     class Trainer:
         stop_requested = False
@@ -333,16 +348,19 @@ def test_a_signal_stops_the_running_trainer_and_every_later_run_and_a_second_one
         def request_stop(self):
             self.stop_requested = True
 
-    hook, running = StopOnSignal(), Trainer()
-    hook(running)
-    assert set(installed) == {signal.SIGINT, signal.SIGTERM} and not running.stop_requested
-    installed[signal.SIGTERM](signal.SIGTERM, None)
-    assert running.stop_requested
-    later = Trainer()
-    hook(later)  # e.g. the study's next run, started while the first was measured
-    assert later.stop_requested
-    with pytest.raises(KeyboardInterrupt):
-        installed[signal.SIGINT](signal.SIGINT, None)
+    with StopOnSignal() as hook:
+        assert set(installed) == {signal.SIGINT, signal.SIGTERM}
+        running = Trainer()
+        hook(running)
+        assert not running.stop_requested
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+        assert running.stop_requested
+        later = Trainer()
+        hook(later)  # e.g. the study's next run, started while the first was measured
+        assert later.stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            installed[signal.SIGINT](signal.SIGINT, None)
+    assert installed == {signal.SIGINT: "before", signal.SIGTERM: "before"}  # put back
 
 
 def test_study_errors(capsys, tmp_path, monkeypatch):

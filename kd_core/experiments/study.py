@@ -326,8 +326,9 @@ def run_study(kind: str, recipe: Recipe, config: TrainConfig, folder: Path, seed
             log(f"{kind}: {variant.label}, seed {seed}")
             result, path = run(spec, callbacks=callbacks(name), stop_hook=stop_hook)
             if path is None:
-                raise StudyStopped(f"stopped {name} after {result.epochs_done} epoch(s); its state is kept in "
-                                   f"{spec.state_path.parent}")
+                raise StudyStopped(f"stopped {name} after {result.epochs_done} epoch(s), its state kept in "
+                                   f"{spec.state_path.parent}" if result.epochs_done else
+                                   f"stopped {name} before it finished an epoch")
             # every process records the run (so that all agree on what is done); the first measures and saves
             cam = None
             if teacher and main_process:

@@ -296,12 +296,15 @@ class Trainer:
         if self.world_size > 1:  # dropout masks of each process's own, drawn from the (shared, saved) state
             torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
         self.emit("on_train_start")
+        stopped = False  # agreed by every process, so all return the same result (not each its own flag)
         for epoch in range(self.start_epoch, self.config.epochs):
             if self.stop_agreed():  # asked between epochs (e.g. in on_epoch_end): train no more steps
+                stopped = True
                 break
             started = time.perf_counter()
             train_metrics = self.train_one_epoch(epoch)
             if train_metrics is None:
+                stopped = True
                 break
             last = epoch == self.config.epochs - 1
             evaluate_now = last or (self.config.eval_every and (epoch + 1) % self.config.eval_every == 0)
@@ -317,5 +320,5 @@ class Trainer:
         last_test = self.history[-1].test.get("test_top1") if self.history else None
         bank_seconds, bank_reused = (self.targets.bank_seconds, self.targets.bank_reused) if self.targets else (0.0, False)
         return TrainResult(self.evaluation_model(), self.history, last_test, self.train_seconds,
-                           stopped=self.stop_requested, epochs_done=len(self.history), bank_seconds=bank_seconds,
+                           stopped=stopped, epochs_done=len(self.history), bank_seconds=bank_seconds,
                            bank_reused=bank_reused, evaluated_on=self.data.evaluated_on)

@@ -343,7 +343,8 @@ def _train(args: argparse.Namespace, distill: bool) -> int:
         result, path = run(spec, callbacks=_callbacks(args.log_dir) if main_process else [], stop_hook=stop_hook)
     if path is None:
         if main_process:
-            print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}")
+            print(f"stopped after {result.epochs_done} epoch(s); state kept in {run_dir}" if result.epochs_done
+                  else "stopped before the first epoch finished")
         return 130
     if main_process:
         print(f"wrote {path}: {result.evaluated_on} top-1 {result.test_top1:.2f}% in {result.train_seconds / 60:.1f} min "

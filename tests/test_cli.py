@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 
 import pytest
 import torch
 
 from helpers import write_image_folder
 from kd_core.checkpoint import file_sha256, load_checkpoint, read_metadata, weights_sha256
+from kd_core import cli
 from kd_core.cli import LOSS_TERMS, build_parser, main
 from kd_core.losses import LOSSES
 
@@ -200,6 +203,19 @@ def test_a_net_predicting_with_test_time_augmentation_also_reports_its_single_vi
     assert "test_top1_single_view" not in read_metadata(workdir / "ck" / "plain.safetensors")["metrics"]
     code, out, _ = run_cli(capsys, "list", workdir / "ck", "--markdown")
     assert code == 0 and out.count(f"({expected:.2f}% single view)") == 1
+
+
+def test_ctrl_c_before_the_first_epoch_ends_says_nothing_was_kept(capsys, workdir, folder_data, monkeypatch):
+    class CtrlCAsTheRunStarts(cli.StopOnSignal):
+        def __call__(self, trainer):
+            super().__call__(trainer)
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled by the installed handler
+
+    monkeypatch.setattr(cli, "StopOnSignal", CtrlCAsTheRunStarts)
+    code, out, err = run_cli(capsys, "train", "--model", "lightnn", "--data", folder_data, *common(workdir, "stopped"))
+    assert code == 130 and "stopped before the first epoch finished" in out and "state kept" not in out
+    assert "stopping after this step (signal 2; again to stop at once)" in err
+    assert not (workdir / "ck" / "stopped.safetensors").exists()
 
 
 def test_reparameterized_student_ships_as_the_plain_net(capsys, workdir, folder_data):

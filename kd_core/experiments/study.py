@@ -48,7 +48,7 @@ class Variant:
 
 
 class StudyStopped(Exception):
-    """A run of the study was asked to stop before it finished (its resumable state is kept)."""
+    """A run of the study was asked to stop before it finished (the epochs it finished are kept for a rerun)."""
 
 
 def ablation_variants(config: TrainConfig, feature_weight: float = 1.0) -> list[Variant]:
